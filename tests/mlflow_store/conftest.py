@@ -1,0 +1,45 @@
+"""Fixtures for the mlflow_store tests: a real MLflow on a SQLite file in tmp_path."""
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _mlflow_db_template(tmp_path_factory):
+    """An empty MLflow SQLite database, created (schema migrations: ~2 s) once per session."""
+    from mlflow_store.tracking import client_for, default_tracking_uri
+
+    uri = default_tracking_uri(tmp_path_factory.mktemp("mlflow_template"))
+    client_for(uri)
+    return uri[len("sqlite:///") :]
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, _mlflow_db_template):
+    """A fresh MLflow tracking + registry URI: sqlite:///<tmp_path>/work/mlflow.db."""
+    import shutil
+
+    from mlflow_store.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(tmp_path / "work")
+    shutil.copyfile(_mlflow_db_template, uri[len("sqlite:///") :])
+    return uri
+
+
+@pytest.fixture
+def value_folder(tmp_path):
+    """An opaque stand-in for a saved value model: value.json + a small binary file + a subfolder."""
+
+    def make(tag: str = "a"):
+        folder = tmp_path / f"value_{tag}"
+        (folder / "backbone").mkdir(parents=True, exist_ok=True)
+        (folder / "value.json").write_text('{"kind": "test", "tag": "%s"}\n' % tag)
+        (folder / "head.safetensors").write_bytes(bytes(range(256)) * 4 + tag.encode())
+        (folder / "backbone" / "config.json").write_text("{}")
+        return folder
+
+    return make
