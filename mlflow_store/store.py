@@ -282,6 +282,7 @@ class Store:
                         if update
                         else stmt.on_conflict_do_nothing(index_elements=keys)
                     )
+                stmt = stmt.execution_options(preserve_rowcount=True)  # not kept for INSERT by default
                 changed += max(conn.execute(stmt).rowcount, 0)
         return changed
 

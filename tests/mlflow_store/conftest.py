@@ -43,3 +43,31 @@ def value_folder(tmp_path):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """URL of a throwaway PostgreSQL server (session-wide); skips when no server binaries are here."""
+    import pg_cluster as pg
+
+    reason = pg.why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with pg.throwaway_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty store database: a SQLite file, then a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import uuid
+
+    import pg_cluster as pg
+
+    server = request.getfixturevalue("pg_server")
+    name = "t_" + uuid.uuid4().hex[:12]
+    yield pg.create_database(server, name)
+    pg.drop_database(server, name)
