@@ -1,0 +1,73 @@
+"""The same tracking and registry calls against a real `mlflow server` on 127.0.0.1 (slow: the
+server takes seconds to start)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from mlflow_store import registry as R
+from mlflow_store import tracking as T
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "1"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group we started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_runs_registry_and_load_over_http(mlflow_server, value_folder, tmp_path):
+    parent = T.start_experiment_run(mlflow_server, "http-exp", {"a": {"b": 1}}, "dig", "v")
+    child = T.find_or_create_child_run(mlflow_server, parent, "spi", 1)
+    assert T.find_or_create_child_run(mlflow_server, parent, "spi", 1) == child
+    T.log_metrics(mlflow_server, child, {"win_rate": 42.0})
+    version = R.register_value_model(mlflow_server, "http-value", child, value_folder("a"), {"win_rate": 42.0})
+    assert R.promote(mlflow_server, "http-value", margin=1.0).promoted
+    out = R.load_registered_value_model("http-value", "champion", mlflow_server, tmp_path / "dl")
+    src = value_folder("a")
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (out / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert version == "1"
+    T.finish_run(mlflow_server, child)
+    T.finish_run(mlflow_server, parent)
