@@ -154,8 +154,9 @@ def promote(
     elif champ is None:
         promoted, reason = True, f"no champion yet; candidate {metric}={cand_value:g}"
     elif champ_value is None:
-        promoted, reason = True, (
-            f"champion version {champ.version} has no {metric!r} tag; candidate {metric}={cand_value:g}"
+        promoted, reason = (
+            True,
+            (f"champion version {champ.version} has no {metric!r} tag; candidate {metric}={cand_value:g}"),
         )
     else:
         gain = cand_value - champ_value

@@ -133,9 +133,7 @@ class Judgement(Base):
     preference: Mapped[float] = mapped_column(Float)
 
 
-TABLES = {
-    m.__tablename__: m for m in (Prompt, Rollout, Reward, ValueDataset, Generation, Judgement)
-}
+TABLES = {m.__tablename__: m for m in (Prompt, Rollout, Reward, ValueDataset, Generation, Judgement)}
 
 
 # --------------------------------------------------------------------------- migrations
@@ -427,16 +425,18 @@ class Store:
         n_prompts, mean_reward, mean_best_reward (best leaf per prompt, as SPI's labelling keeps),
         mean_tokens."""
         r = Rollout
-        scored = (
-            select(r.run_key, r.system, r.iteration, r.prompt_key, r.n_tokens, Reward.reward)
-            .join(Reward, and_(Reward.rollout_key == r.rollout_key, Reward.reward_model == reward_model))
+        scored = select(r.run_key, r.system, r.iteration, r.prompt_key, r.n_tokens, Reward.reward).join(
+            Reward, and_(Reward.rollout_key == r.rollout_key, Reward.reward_model == reward_model)
         )
         if run_keys is not None:
             scored = scored.where(r.run_key.in_(list(run_keys)))
         scored = scored.subquery()
         best = (
             select(
-                scored.c.run_key, scored.c.system, scored.c.iteration, scored.c.prompt_key,
+                scored.c.run_key,
+                scored.c.system,
+                scored.c.iteration,
+                scored.c.prompt_key,
                 func.max(scored.c.reward).label("best"),
             )
             .group_by(scored.c.run_key, scored.c.system, scored.c.iteration, scored.c.prompt_key)
@@ -464,7 +464,9 @@ class Store:
         )
         stmt = (
             select(leaves, prompts.c.n_prompts, prompts.c.mean_best_reward)
-            .join(prompts, and_(*(a == b for a, b in zip(per_group(leaves), per_group(prompts)))))
+            .join(
+                prompts, and_(*(a == b for a, b in zip(per_group(leaves), per_group(prompts), strict=True)))
+            )
             .order_by(*per_group(leaves))
         )
         with self.engine.connect() as conn:
@@ -545,7 +547,9 @@ def _check_columns(model: type[Base], rows: Sequence[Mapping]) -> None:
     columns = set(model.__table__.c.keys())
     unknown = set().union(*(r.keys() for r in rows)) - columns
     if unknown:
-        raise ValueError(f"unknown columns for {model.__tablename__}: {sorted(unknown)}; known: {sorted(columns)}")
+        raise ValueError(
+            f"unknown columns for {model.__tablename__}: {sorted(unknown)}; known: {sorted(columns)}"
+        )
 
 
 def _complete_rows(model: type[Base], rows: list[dict]) -> list[dict]:

@@ -162,7 +162,11 @@ def code_version(repo_dir: str | os.PathLike | None = None) -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -178,9 +182,7 @@ def code_version(repo_dir: str | os.PathLike | None = None) -> str:
 # --------------------------------------------------------------------------- experiments and runs
 
 
-def get_or_create_experiment(
-    tracking_uri: str, name: str, artifact_location: str | None = None
-) -> str:
+def get_or_create_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     """The id of experiment ``name``, created with ``artifact_location`` (default: beside the DB) if new."""
     client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(name)
@@ -236,9 +238,7 @@ def find_experiment_run(tracking_uri: str, experiment: str, digest: str) -> str 
     return runs[0].info.run_id if runs else None
 
 
-def find_or_create_child_run(
-    tracking_uri: str, parent_run_id: str, system: str, iteration: int = 0
-) -> str:
+def find_or_create_child_run(tracking_uri: str, parent_run_id: str, system: str, iteration: int = 0) -> str:
     """The child run of ``parent_run_id`` for (system, iteration); created only if none exists.
 
     Baselines use iteration 0. Safe against concurrent calls from threads of one process.
@@ -340,9 +340,7 @@ def artifact_uri(tracking_uri: str, run_id: str, artifact_path: str = "") -> str
     return f"{base}/{artifact_path.strip('/')}" if artifact_path else base
 
 
-def download_artifacts(
-    tracking_uri: str, run_id: str, artifact_path: str, dest: str | os.PathLike
-) -> Path:
+def download_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dest: str | os.PathLike) -> Path:
     """Download a run's artifact file or folder into ``dest`` (created); returns the local path."""
     Path(dest).mkdir(parents=True, exist_ok=True)
     return Path(client_for(tracking_uri).download_artifacts(run_id, artifact_path, str(dest)))

@@ -1,5 +1,6 @@
 """Fixtures for the mlflow_store tests: a real MLflow on a SQLite file in tmp_path."""
 
+import json
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -37,7 +38,7 @@ def value_folder(tmp_path):
     def make(tag: str = "a"):
         folder = tmp_path / f"value_{tag}"
         (folder / "backbone").mkdir(parents=True, exist_ok=True)
-        (folder / "value.json").write_text('{"kind": "test", "tag": "%s"}\n' % tag)
+        (folder / "value.json").write_text(json.dumps({"kind": "test", "tag": tag}) + "\n")
         (folder / "head.safetensors").write_bytes(bytes(range(256)) * 4 + tag.encode())
         (folder / "backbone" / "config.json").write_text("{}")
         return folder

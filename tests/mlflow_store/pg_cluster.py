@@ -74,27 +74,65 @@ def throwaway_postgres(timeout_s: float = 30.0) -> Iterator[str]:
     proc = None
     try:
         subprocess.run(
-            [pg_bin / "initdb", "-D", data, "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-             "--no-locale", "--no-sync"],
-            check=True, capture_output=True, env=env, cwd=root, timeout=120, **run_as,
+            [
+                pg_bin / "initdb",
+                "-D",
+                data,
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+            cwd=root,
+            timeout=120,
+            **run_as,
         )
         port = _free_port()
         with open(log, "wb") as log_fh:
             proc = subprocess.Popen(
-                [pg_bin / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", root,
-                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                 "-c", "shared_buffers=16MB", "-c", "max_connections=40"],
-                stdout=log_fh, stderr=subprocess.STDOUT, env=env, cwd=root, **run_as,
+                [
+                    pg_bin / "postgres",
+                    "-D",
+                    data,
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-k",
+                    root,
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "shared_buffers=16MB",
+                    "-c",
+                    "max_connections=40",
+                ],
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=root,
+                **run_as,
             )
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres",
-                                connect_timeout=2).close()
+                psycopg.connect(
+                    host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres", connect_timeout=2
+                ).close()
                 break
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not start: {log.read_text(errors='replace')[-2000:]}")
+                    tail = log.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"postgres did not start: {tail}") from exc
                 time.sleep(0.1)
         yield f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{port}/postgres"
     finally:
@@ -123,5 +161,7 @@ def _autocommit(server_url: str, sql: str) -> None:
     from sqlalchemy.engine import make_url
 
     u = make_url(server_url)
-    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True) as conn:
+    with psycopg.connect(
+        host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True
+    ) as conn:
         conn.execute(sql)

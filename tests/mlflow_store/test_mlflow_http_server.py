@@ -23,14 +23,34 @@ def mlflow_server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,7 +81,9 @@ def test_runs_registry_and_load_over_http(mlflow_server, value_folder, tmp_path)
     child = T.find_or_create_child_run(mlflow_server, parent, "spi", 1)
     assert T.find_or_create_child_run(mlflow_server, parent, "spi", 1) == child
     T.log_metrics(mlflow_server, child, {"win_rate": 42.0})
-    version = R.register_value_model(mlflow_server, "http-value", child, value_folder("a"), {"win_rate": 42.0})
+    version = R.register_value_model(
+        mlflow_server, "http-value", child, value_folder("a"), {"win_rate": 42.0}
+    )
     assert R.promote(mlflow_server, "http-value", margin=1.0).promoted
     out = R.load_registered_value_model("http-value", "champion", mlflow_server, tmp_path / "dl")
     src = value_folder("a")

@@ -22,11 +22,20 @@ def _same_tree(a, b):
 
 def test_register_versions_aliases_and_promotion(tracking_uri, value_folder, tmp_path):
     client = T.client_for(tracking_uri)
-    v1 = R.register_value_model(tracking_uri, "value-tiny", _child(tracking_uri, 1), value_folder("a"),
-                                {"win_rate": 40.0, "lc_win_rate": 38.5})
+    v1 = R.register_value_model(
+        tracking_uri,
+        "value-tiny",
+        _child(tracking_uri, 1),
+        value_folder("a"),
+        {"win_rate": 40.0, "lc_win_rate": 38.5},
+    )
     assert v1 == "1"
     mv = client.get_model_version_by_alias("value-tiny", "candidate")
-    assert str(mv.version) == "1" and float(mv.tags["win_rate"]) == 40.0 and float(mv.tags["lc_win_rate"]) == 38.5
+    assert (
+        str(mv.version) == "1"
+        and float(mv.tags["win_rate"]) == 40.0
+        and float(mv.tags["lc_win_rate"]) == 38.5
+    )
 
     first = R.promote(tracking_uri, "value-tiny", margin=1.0)
     assert first.promoted and first.champion_version is None and "no champion" in first.reason
@@ -37,8 +46,9 @@ def test_register_versions_aliases_and_promotion(tracking_uri, value_folder, tmp
     assert not again.promoted and "already the champion" in again.reason
 
     # a candidate above the champion but within the margin does not move champion
-    v2 = R.register_value_model(tracking_uri, "value-tiny", _child(tracking_uri, 2), value_folder("b"),
-                                {"win_rate": 40.8})
+    v2 = R.register_value_model(
+        tracking_uri, "value-tiny", _child(tracking_uri, 2), value_folder("b"), {"win_rate": 40.8}
+    )
     assert v2 == "2"
     held = R.promote(tracking_uri, "value-tiny", margin=1.0)
     assert not held.promoted
@@ -53,8 +63,9 @@ def test_register_versions_aliases_and_promotion(tracking_uri, value_folder, tmp
     assert str(client.get_model_version_by_alias("value-tiny", "champion").version) == "2"
 
     # a clearly better candidate passes the margin
-    v3 = R.register_value_model(tracking_uri, "value-tiny", _child(tracking_uri, 3), value_folder("c"),
-                                {"win_rate": 45.0})
+    v3 = R.register_value_model(
+        tracking_uri, "value-tiny", _child(tracking_uri, 3), value_folder("c"), {"win_rate": 45.0}
+    )
     decision = R.promote(tracking_uri, "value-tiny", margin=1.0)
     assert decision.promoted and decision.champion_version == "2" and "exceeds margin" in decision.reason
     assert str(client.get_model_version_by_alias("value-tiny", "champion").version) == v3
@@ -78,13 +89,19 @@ def test_register_is_idempotent_for_same_run_and_folder(tracking_uri, value_fold
 
 def test_stages_are_mirrored_when_asked(tracking_uri, value_folder):
     client = T.client_for(tracking_uri)
-    R.register_value_model(tracking_uri, "staged", _child(tracking_uri, 1), value_folder("a"), {"win_rate": 10})
+    R.register_value_model(
+        tracking_uri, "staged", _child(tracking_uri, 1), value_folder("a"), {"win_rate": 10}
+    )
     assert R.promote(tracking_uri, "staged", margin=0, use_stages=True).promoted
-    R.register_value_model(tracking_uri, "staged", _child(tracking_uri, 2), value_folder("b"), {"win_rate": 9})
+    R.register_value_model(
+        tracking_uri, "staged", _child(tracking_uri, 2), value_folder("b"), {"win_rate": 9}
+    )
     assert not R.promote(tracking_uri, "staged", margin=0, use_stages=True).promoted
     assert client.get_model_version("staged", "1").current_stage == "Production"
     assert client.get_model_version("staged", "2").current_stage == "Staging"
-    R.register_value_model(tracking_uri, "staged", _child(tracking_uri, 3), value_folder("c"), {"win_rate": 20})
+    R.register_value_model(
+        tracking_uri, "staged", _child(tracking_uri, 3), value_folder("c"), {"win_rate": 20}
+    )
     assert R.promote(tracking_uri, "staged", margin=0, use_stages=True).promoted
     assert client.get_model_version("staged", "3").current_stage == "Production"
     assert client.get_model_version("staged", "1").current_stage == "Archived"
@@ -97,7 +114,9 @@ def test_candidate_without_metric_is_not_promoted(tracking_uri, value_folder):
 
 
 def test_unknown_registry_name_lists_existing(tracking_uri, value_folder, tmp_path):
-    R.register_value_model(tracking_uri, "exists-1", _child(tracking_uri, 1), value_folder("a"), {"win_rate": 1})
+    R.register_value_model(
+        tracking_uri, "exists-1", _child(tracking_uri, 1), value_folder("a"), {"win_rate": 1}
+    )
     with pytest.raises(R.RegistryError, match=r"no registered model named 'missing'.*existing: exists-1"):
         R.promote(tracking_uri, "missing", margin=1)
     with pytest.raises(R.RegistryError, match="existing: exists-1"):

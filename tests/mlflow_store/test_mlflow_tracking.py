@@ -34,7 +34,8 @@ def test_parent_and_child_runs_visible_through_client(tracking_uri, tmp_path):
     T.finish_run(tracking_uri, parent)
 
     found = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`spi.system` = 'spi'"
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`spi.system` = 'spi'",
     )
     assert {r.info.run_id for r in found} == {children[("spi", 1)], children[("spi", 2)]}
     for r in found:

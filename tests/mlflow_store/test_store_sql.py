@@ -9,9 +9,17 @@ from mlflow_store.store import SCHEMA_VERSION, Store, StoreError, open_store, ro
 
 def _rollouts(run_key="run-a", system="spi", iteration=1, prompts=("p1", "p2"), width=3):
     return [
-        dict(run_key=run_key, system=system, iteration=iteration, prompt_key=p, row_index=i,
-             text=f"{p}-{i}", n_tokens=10 + i)
-        for p in prompts for i in range(width)
+        dict(
+            run_key=run_key,
+            system=system,
+            iteration=iteration,
+            prompt_key=p,
+            row_index=i,
+            text=f"{p}-{i}",
+            n_tokens=10 + i,
+        )
+        for p in prompts
+        for i in range(width)
     ]
 
 
@@ -20,8 +28,15 @@ def test_fresh_store_has_current_schema(store_url):
         assert store.schema_version() == SCHEMA_VERSION
         assert store.upgrade() == SCHEMA_VERSION  # idempotent
         tables = set(inspect(store.engine).get_table_names())
-        assert {"schema_version", "prompts", "rollouts", "rewards", "value_datasets",
-                "generations", "judgements"} <= tables
+        assert {
+            "schema_version",
+            "prompts",
+            "rollouts",
+            "rewards",
+            "value_datasets",
+            "generations",
+            "judgements",
+        } <= tables
 
 
 def test_inserts_are_idempotent(store_url):
@@ -38,7 +53,9 @@ def test_inserts_are_idempotent(store_url):
         keys = [rollout_key("run-a", "spi", 1, "p1", i) for i in range(3)]
         assert {r["rollout_key"] for r in store.rows("rollouts", iteration=1, prompt_key="p1")} == set(keys)
 
-        rewards = [{"reward_model": "rm@abc", "rollout_key": k, "reward": float(i)} for i, k in enumerate(keys)]
+        rewards = [
+            {"reward_model": "rm@abc", "rollout_key": k, "reward": float(i)} for i, k in enumerate(keys)
+        ]
         assert store.add_rewards(rewards[:2]) == 2
         assert store.unrewarded("rm@abc", keys) == keys[2:]
         assert store.add_rewards(rewards) == 1
@@ -48,16 +65,36 @@ def test_inserts_are_idempotent(store_url):
         assert store.rows("rewards", rollout_key=keys[0])[0]["reward"] == 5.0
         assert store.add_rewards([{**rewards[0], "reward_model": "rm@def"}]) == 1  # another identity
 
-        ds = {"digest": "d" * 64, "path": "/data/v1.jsonl", "run_key": "run-a", "iteration": 1, "n_examples": 6}
+        ds = {
+            "digest": "d" * 64,
+            "path": "/data/v1.jsonl",
+            "run_key": "run-a",
+            "iteration": 1,
+            "n_examples": 6,
+        }
         assert store.add_value_datasets([ds]) == 1
         assert store.add_value_datasets([ds]) == 0
 
-        gens = [dict(run_key="run-a", system="spi", iteration=1, instruction_key="i1", instruction="Say hi",
-                     output="hi", policy_tokens=3)]
+        gens = [
+            dict(
+                run_key="run-a",
+                system="spi",
+                iteration=1,
+                instruction_key="i1",
+                instruction="Say hi",
+                output="hi",
+                policy_tokens=3,
+            )
+        ]
         assert store.add_generations(gens) == 1
         assert store.add_generations(gens) == 0
-        judged = dict(judge="j", instruction_digest=text_digest("Say hi"), output_1_digest="r",
-                      output_2_digest=text_digest("hi"), preference=1.5)
+        judged = dict(
+            judge="j",
+            instruction_digest=text_digest("Say hi"),
+            output_1_digest="r",
+            output_2_digest=text_digest("hi"),
+            preference=1.5,
+        )
         assert store.add_judgements([judged]) == 1
         assert store.add_judgements([judged]) == 0
 
@@ -79,21 +116,48 @@ def test_bad_rows_fail_clearly(store_url):
         with pytest.raises(ValueError, match="unknown store table"):
             store.insert("nope", [{"a": 1}])
         with pytest.raises(ValueError, match="in \\[1, 2\\]"):
-            store.add_judgements([dict(judge="j", instruction_digest="i", output_1_digest="a",
-                                       output_2_digest="b", preference=3)])
+            store.add_judgements(
+                [
+                    dict(
+                        judge="j",
+                        instruction_digest="i",
+                        output_1_digest="a",
+                        output_2_digest="b",
+                        preference=3,
+                    )
+                ]
+            )
 
 
 def _add_eval(store, run_key, system, iteration, outputs, prefs, judge="judge-a", reward=None):
-    store.add_generations([
-        dict(run_key=run_key, system=system, iteration=iteration, instruction_key=f"i{n}",
-             instruction=f"instruction {n}", output=out, policy_tokens=len(out), reward=reward)
-        for n, out in enumerate(outputs)
-    ])
-    store.add_judgements([
-        dict(judge=judge, instruction_digest=text_digest(f"instruction {n}"), output_1_digest="ref",
-             output_2_digest=text_digest(out), preference=p)
-        for n, (out, p) in enumerate(zip(outputs, prefs)) if p is not None
-    ])
+    store.add_generations(
+        [
+            dict(
+                run_key=run_key,
+                system=system,
+                iteration=iteration,
+                instruction_key=f"i{n}",
+                instruction=f"instruction {n}",
+                output=out,
+                policy_tokens=len(out),
+                reward=reward,
+            )
+            for n, out in enumerate(outputs)
+        ]
+    )
+    store.add_judgements(
+        [
+            dict(
+                judge=judge,
+                instruction_digest=text_digest(f"instruction {n}"),
+                output_1_digest="ref",
+                output_2_digest=text_digest(out),
+                preference=p,
+            )
+            for n, (out, p) in enumerate(zip(outputs, prefs, strict=True))
+            if p is not None
+        ]
+    )
 
 
 def test_comparison_query(store_url):
@@ -103,7 +167,12 @@ def test_comparison_query(store_url):
         _add_eval(store, "run-a", "spi", 2, ["a22", "b22", "c22", "d22"], [2, 2, 2, 2], reward=0.6)
         _add_eval(store, "run-b", "spi", 1, ["x", "y"], [1, 1])
         got = {(r["run_key"], r["system"], r["iteration"]): r for r in store.compare_runs(judge="judge-a")}
-        assert list(got) == [("run-a", "base", 0), ("run-a", "spi", 1), ("run-a", "spi", 2), ("run-b", "spi", 1)]
+        assert list(got) == [
+            ("run-a", "base", 0),
+            ("run-a", "spi", 1),
+            ("run-a", "spi", 2),
+            ("run-b", "spi", 1),
+        ]
         base, it1, it2, other = got.values()
         assert base["win_rate"] == pytest.approx(25.0) and base["mean_reward"] == pytest.approx(0.1)
         assert it1["win_rate"] == pytest.approx(100 * 2.5 / 3) and it1["n_judged"] == 3 and it1["n"] == 4
@@ -124,10 +193,12 @@ def test_rollout_summary(store_url):
     with Store(store_url) as store:
         store.add_rollouts(_rollouts(width=2))
         rewards = {("p1", 0): 1.0, ("p1", 1): 3.0, ("p2", 0): 0.0, ("p2", 1): -1.0}
-        store.add_rewards([
-            {"reward_model": "rm", "rollout_key": rollout_key("run-a", "spi", 1, p, i), "reward": r}
-            for (p, i), r in rewards.items()
-        ])
+        store.add_rewards(
+            [
+                {"reward_model": "rm", "rollout_key": rollout_key("run-a", "spi", 1, p, i), "reward": r}
+                for (p, i), r in rewards.items()
+            ]
+        )
         (row,) = store.rollout_summary("rm")
         assert (row["n_leaves"], row["n_prompts"]) == (4, 2)
         assert row["mean_reward"] == pytest.approx(0.75)
@@ -188,11 +259,25 @@ def test_upgrade_from_v1_keeps_rows(store_url):
         (row,) = store.compare_runs("judge-a")
         assert row["win_rate"] == 100.0 and row["total_policy_tokens"] == 12
         # new columns are usable after the upgrade
-        store.add_generations([dict(run_key="run-new", system="spi", iteration=1, instruction_key="i1",
-                                    instruction_digest="id1", output="new", reward=0.9, reward_model="rm")])
+        store.add_generations(
+            [
+                dict(
+                    run_key="run-new",
+                    system="spi",
+                    iteration=1,
+                    instruction_key="i1",
+                    instruction_digest="id1",
+                    output="new",
+                    reward=0.9,
+                    reward_model="rm",
+                )
+            ]
+        )
         assert store.rows("generations", run_key="run-new")[0]["reward"] == 0.9
         with store.engine.connect() as conn:
-            versions = list(conn.execute(text("SELECT version FROM schema_version ORDER BY version")).scalars())
+            versions = list(
+                conn.execute(text("SELECT version FROM schema_version ORDER BY version")).scalars()
+            )
         assert versions == list(range(1, SCHEMA_VERSION + 1))
     with Store(store_url) as again:  # opening again changes nothing
         assert again.count("generations") == 2
@@ -224,5 +309,7 @@ def test_default_url_and_bad_urls(tmp_path):
         Store("not a url")
     with pytest.raises(StoreError, match="only sqlite and postgresql"):
         Store("mysql://u@127.0.0.1/db")
-    with pytest.raises(StoreError, match=r"cannot open store 'postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/db'"):
+    with pytest.raises(
+        StoreError, match=r"cannot open store 'postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/db'"
+    ):
         Store("postgresql://u:secret@127.0.0.1:1/db")
