@@ -1,0 +1,245 @@
+"""The SPI loop as stages that read and write files, so a later stage or a rerun can pick them up.
+
+Stage outputs (all JSON/JSONL, written atomically: a killed run never leaves a half file):
+    rollouts.jsonl  one line per prompt: {prompt_index, instruction, prompt_ids,
+                    leaves: [{response, response_ids, ended}]}     (response_ids exclude EOS)
+    labels.jsonl    one line per prompt: {prompt_index, rewards: [per leaf], best: leaf index}
+    value/          a value model folder (spi.value), with its fit report in value.json
+    <system>.json   {system, outputs: [{instruction, output, generator, dataset, reward}],
+                    compute: {...}, mean_reward, beam_changes, boundaries}
+Each output has a sidecar ``<name>.key`` holding the digest of everything it was computed from; a
+stage whose output exists with the same key is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from spi.config import Recipe, digest_of
+from spi.models import CausalLM
+from spi.prompts import chat_prompt_ids, load_instructions
+from spi.reward import load_reward
+from spi.search import search
+from spi.systems import system_plan
+from spi.value import ValueExample, fit_value, folder_digest, load_value_model, new_value_model
+
+log = logging.getLogger("spi")
+CODE_VERSION = "spi-pipeline-1"  # bump when a stage's outputs would change for the same inputs
+
+
+def seed_for(*parts) -> int:
+    return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:8], 16)
+
+
+def file_digest(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return folder_digest(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def is_done(out: Path, key: str) -> bool:
+    sidecar = Path(str(out) + ".key")
+    return out.exists() and sidecar.exists() and sidecar.read_text() == key
+
+
+def _mark_done(out: Path, key: str) -> None:
+    Path(str(out) + ".key").write_text(key)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: corrupt line ({err.msg}); delete the file to recompute it") from None
+    return rows
+
+
+@lru_cache(maxsize=4)
+def _policy(name: str, dtype: str, device: str) -> CausalLM:
+    return CausalLM.load(name, dtype, device)
+
+
+def load_policy(recipe: Recipe) -> CausalLM:
+    if recipe.execution.threads:
+        torch.set_num_threads(recipe.execution.threads)
+    return _policy(recipe.policy.model, recipe.policy.dtype, recipe.policy.device)
+
+
+@lru_cache(maxsize=4)
+def _reward(config):
+    return load_reward(config)
+
+
+def load_reward_model(recipe: Recipe):
+    return _reward(recipe.reward)
+
+
+def train_instructions(recipe: Recipe, iteration: int) -> list[str]:
+    """The disjoint slice of training prompts for ``iteration`` (1-based)."""
+    per = recipe.iterations.prompts_per_iteration
+    return load_instructions(recipe.prompts.train, recipe.prompts.offset + (iteration - 1) * per, per)
+
+
+def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], out: Path,
+                      progress: bool = True) -> Path:
+    """Iteration 1 samples W*K leaves per prompt from pi_0; later ones run CBS with V_1..V_{k-1}."""
+    key = digest_of([CODE_VERSION, "rollouts", recipe.section_digest("policy", "sampling", "search", "prompts", "iterations", "reward"),
+                     recipe.seed, iteration, [file_digest(d) for d in value_dirs]])
+    if is_done(out, key):
+        return out
+    policy = load_policy(recipe)
+    instructions = train_instructions(recipe, iteration)
+    system = f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
+    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
+    seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in range(len(instructions))]
+    result = search(policy, instructions, seeds, settings, guide, reward_model=None, progress=progress)
+    lines = []
+    for i, (instruction, r) in enumerate(zip(instructions, result.results, strict=True)):
+        prompt_ids = chat_prompt_ids(policy.tokenizer, instruction)
+        leaves = [{"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
+                  for text, ids in zip(r.responses, r.response_ids, strict=True)]
+        lines.append(json.dumps({"prompt_index": i, "instruction": instruction, "prompt_ids": prompt_ids,
+                                 "leaves": leaves}))
+    _write_atomic(out, "\n".join(lines) + "\n")
+    _write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
+    _mark_done(out, key)
+    return out
+
+
+def label_rollouts(recipe: Recipe, rollouts: Path, out: Path) -> Path:
+    """Score every leaf with the reward model; keep the argmax leaf per prompt."""
+    reward = load_reward_model(recipe)
+    key = digest_of([CODE_VERSION, "labels", reward.identity, file_digest(rollouts)])
+    if is_done(out, key):
+        return out
+    records = read_jsonl(rollouts)
+    instructions = [r["instruction"] for r in records for _ in r["leaves"]]
+    responses = [leaf["response"] for r in records for leaf in r["leaves"]]
+    scores = reward.score(instructions, responses)
+    lines, at = [], 0
+    for r in records:
+        rewards = scores[at:at + len(r["leaves"])]
+        at += len(r["leaves"])
+        best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+        lines.append(json.dumps({"prompt_index": r["prompt_index"], "rewards": rewards, "best": best}))
+    _write_atomic(out, "\n".join(lines) + "\n")
+    _mark_done(out, key)
+    return out
+
+
+def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int) -> list[ValueExample]:
+    examples = []
+    for record, label in zip(read_jsonl(rollouts), read_jsonl(labels), strict=True):
+        chosen = [label["best"]] if fit_on == "best" else range(len(record["leaves"]))
+        for i in chosen:
+            leaf = record["leaves"][i]
+            response = leaf["response_ids"] + ([eos_id] if leaf["ended"] else [])
+            examples.append(ValueExample(record["prompt_ids"], response, label["rewards"][i], str(record["prompt_index"])))
+    return examples
+
+
+def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path, out: Path,
+                    progress=None) -> Path:
+    """Fit V_k afresh (never from V_{k-1}) by Monte Carlo regression on the labelled rollouts."""
+    key = digest_of([CODE_VERSION, "value", recipe.section_digest("policy", "value"), recipe.seed, iteration,
+                     file_digest(rollouts), file_digest(labels)])
+    if is_done(out, key):
+        return out
+    policy = load_policy(recipe)
+    cfg = recipe.value
+    torch.manual_seed(seed_for(recipe.seed, "value", iteration))
+    model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank, recipe.policy.dtype)
+    examples = value_examples(rollouts, labels, cfg.fit_on, policy.eos_ids[0])
+    fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
+              cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _mark_done(out, key)
+    return out
+
+
+def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructions: list[str], out: Path,
+                  datasets: list[str] | None = None, w2s_models=None, progress: bool = True) -> Path:
+    """Answer ``instructions`` with one system; record outputs (AlpacaEval format), rewards and compute."""
+    reward = load_reward_model(recipe)
+    key = digest_of([CODE_VERSION, "decode", system, recipe.section_digest("policy", "sampling", "search", "baselines", "iterations"),
+                     reward.identity, recipe.seed, instructions, [file_digest(d) for d in value_dirs]])
+    if is_done(out, key):
+        return out
+    policy = load_policy(recipe)
+    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
+    seeds = [seed_for(recipe.seed, "eval", i) for i in range(len(instructions))]
+    result = search(policy, instructions, seeds, settings, guide, reward_model=reward, progress=progress)
+    answers = [r.answer for r in result.results]
+    known = [r.leaf_rewards[r.chosen] if r.leaf_rewards else None for r in result.results]
+    missing = [i for i, k in enumerate(known) if k is None]
+    if missing:  # score answers the search did not already score (evaluation cost, not the system's)
+        for i, s in zip(missing, reward.score([instructions[i] for i in missing], [answers[i] for i in missing]), strict=True):
+            known[i] = s
+    outputs = [{"instruction": x, "output": y, "generator": system, "dataset": (datasets or [None] * len(answers))[i],
+                "reward": known[i]} for i, (x, y) in enumerate(zip(instructions, answers, strict=True))]
+    payload = {
+        "system": system, "outputs": outputs, "compute": result.compute.as_dict(),
+        "mean_reward": sum(known) / len(known),
+        "boundaries": sum(r.boundaries for r in result.results),
+        "beam_changes": sum(r.beam_changes for r in result.results),
+    }
+    _write_atomic(out, json.dumps(payload, indent=2))
+    _mark_done(out, key)
+    return out
+
+
+def heldout_instructions(recipe: Recipe, count: int) -> list[str]:
+    """Training-distribution prompts after every iteration's slice: never seen by any value fit."""
+    start = recipe.prompts.offset + recipe.iterations.count * recipe.iterations.prompts_per_iteration
+    return load_instructions(recipe.prompts.train, start, count)
+
+
+def run_spi(recipe: Recipe, workdir: Path, instructions: list[str], systems: list[str],
+            progress: bool = True) -> dict:
+    """K iterations of rollout, labelling and value fitting; then every system decodes ``instructions``."""
+    workdir = Path(workdir)
+    value_dirs: list[Path] = []
+    fits = {}
+    for k in range(1, recipe.iterations.count + 1):
+        stage = workdir / f"iteration-{k}"
+        log.info("iteration %d: rollouts", k)
+        rollouts = generate_rollouts(recipe, k, value_dirs, stage / "rollouts.jsonl", progress)
+        log.info("iteration %d: labels", k)
+        labels = label_rollouts(recipe, rollouts, stage / "labels.jsonl")
+        log.info("iteration %d: value fit", k)
+        value_dirs.append(fit_value_stage(recipe, k, rollouts, labels, stage / "value"))
+        fits[k] = json.loads((stage / "value" / "value.json").read_text())["report"]
+    summary = {"recipe": recipe.name, "digest": recipe.digest, "value_fits": fits, "systems": {}}
+    for system in systems:
+        log.info("decoding with %s", system)
+        path = decode_system(recipe, system, value_dirs, instructions, workdir / "eval" / f"{system}.json",
+                             progress=progress)
+        data = json.loads(path.read_text())
+        summary["systems"][system] = {"mean_reward": data["mean_reward"], "compute": data["compute"],
+                                      "iteration": int(system.split("-")[1]) if system.startswith("spi-") else None}
+    return summary
+
+

@@ -1,0 +1,206 @@
+"""Chunk-level beam search (CBS): the one decoding routine of the project.
+
+Each prompt gets W*K rows sharing one prefill. Rows sample L tokens from pi_0 with the KV cache; at the
+chunk boundary a guide scores every row, W rows per prompt are kept and each is tiled K times (the
+cache reordered to match), until every row has ended. The answer is the leaf with the highest reward
+(IRO's final pick) or, without a reward model, the highest guide score.
+
+Special cases are settings, not code: plain sampling is (W=1, K=1); Best-of-N is (W=1, K=N, L=None,
+final pick by reward); blockwise controlled decoding is (W=1, K, L); ARGS is (W=1, K=k, L=1,
+proposal="topk") with the guide log pi + w * r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from spi.compute import Compute
+from spi.guides import Boundary, Guide
+from spi.incremental import IncrementalModel
+from spi.prompts import chat_prompt_ids
+from spi.sampling import row_uniforms, sample_tokens, topk_candidates
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    width: int = 1  # W
+    successors: int = 1  # K
+    chunk_length: int | None = None  # L; None = one chunk for the whole response
+    temperature: float = 0.6  # 0 = greedy
+    top_k: int = 50
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    selection: str = "diverse"  # or "stochastic"
+    selection_temperature: float = 1.0
+    proposal: str = "sample"  # or "topk" (ARGS)
+    final_pick: str = "reward"  # or "value"
+    batch_prompts: int = 8
+
+    @property
+    def rows(self) -> int:
+        return self.width * self.successors
+
+
+@dataclass
+class SearchResult:
+    instruction: str
+    responses: list[str]  # the W*K leaves
+    response_ids: list[list[int]]
+    leaf_values: list[float]  # guide score of each leaf (nan without a guide)
+    leaf_rewards: list[float] | None  # final reward of each leaf, when a reward model picked
+    chosen: int
+    boundaries: int = 0  # chunk boundaries where selection ran
+    beam_changes: int = 0  # boundaries where the best-scored beam was not the first-sampled row
+
+    @property
+    def answer(self) -> str:
+        return self.responses[self.chosen]
+
+
+@dataclass
+class SearchOutput:
+    results: list[SearchResult]
+    compute: Compute = field(default_factory=Compute)
+
+
+@torch.inference_mode()
+def search(policy, instructions: list[str], seeds: list[int], settings: SearchSettings,
+           guide: Guide | None = None, reward_model=None, progress: bool = True) -> SearchOutput:
+    """Decode every instruction (batched ``settings.batch_prompts`` at a time); ``seeds[i]`` owns row randomness."""
+    if len(seeds) != len(instructions):
+        raise ValueError(f"{len(instructions)} instructions but {len(seeds)} seeds")
+    if settings.proposal == "topk" and settings.width != 1:
+        raise ValueError("proposal='topk' (ARGS) needs width=1")
+    output = SearchOutput([])
+    bar = tqdm(total=len(instructions), desc="decode", unit="prompt", disable=not progress, leave=False)
+    for start in range(0, len(instructions), settings.batch_prompts):
+        chunk = slice(start, start + settings.batch_prompts)
+        output.results += _search_batch(policy, instructions[chunk], seeds[chunk], settings, guide,
+                                        reward_model, output.compute)
+        bar.update(len(instructions[chunk]))
+    bar.close()
+    return output
+
+
+def _select(scores, responses, prompts, settings, seeds, boundary_no):
+    """Row indices after selection: W kept rows per prompt, each repeated K times."""
+    rows, width, k = settings.rows, settings.width, settings.successors
+    index, changed = [], []
+    for p in range(prompts):
+        group = list(range(p * rows, (p + 1) * rows))
+        group_scores = scores[p * rows:(p + 1) * rows]
+        if settings.selection == "stochastic":
+            generator = torch.Generator().manual_seed(seeds[p] * 1_000_003 + boundary_no)
+            gumbel = -torch.log(-torch.log(torch.rand(rows, generator=generator, dtype=torch.float64)))
+            order = torch.argsort(group_scores.double() / settings.selection_temperature + gumbel, descending=True, stable=True)
+            kept = [group[i] for i in order[:width].tolist()]
+        else:
+            order = torch.argsort(group_scores, descending=True, stable=True).tolist()
+            seen, distinct, repeats = set(), [], []
+            for i in order:
+                key = tuple(responses[group[i]])
+                (repeats if key in seen else distinct).append(group[i])
+                seen.add(key)
+            kept = (distinct + repeats)[:width]
+        changed.append(kept[0] != group[0])
+        index += [row for row in kept for _ in range(k)]
+    return torch.tensor(index), changed
+
+
+def _search_batch(policy, instructions, seeds, settings, guide, reward_model, compute):
+    tokenizer, model = policy.tokenizer, policy.model
+    rows, steps = settings.rows, settings.max_new_tokens
+    prompts = [chat_prompt_ids(tokenizer, x) for x in instructions]
+    n = len(prompts) * rows
+    pad = tokenizer.pad_token_id
+    eos = torch.tensor(policy.eos_ids)
+    uniforms = torch.cat([row_uniforms(seed, rows, steps) for seed in seeds])
+
+    incremental = IncrementalModel(model, compute, "policy_tokens", "policy_forward")
+    hidden = incremental.prefill(prompts, rows, pad)
+    logits = incremental.logits(hidden)
+    if guide is not None:
+        guide.begin(instructions, prompts, rows, compute)
+
+    tokens = torch.full((n, steps), pad, dtype=torch.long)
+    lengths = torch.zeros(n, dtype=torch.long)
+    finished = torch.zeros(n, dtype=torch.bool)
+    last_hidden, last_logprob = hidden, torch.zeros(n)
+    scored_upto = 0  # response position up to which the guide has seen tokens
+    boundaries = [0] * len(prompts)
+    changes = [0] * len(prompts)
+    selects = settings.successors > 1 and settings.chunk_length is not None and guide is not None
+
+    def boundary(t):
+        nonlocal scored_upto
+        new = tokens[:, scored_upto:t + 1]
+        position = torch.arange(scored_upto, t + 1)[None, :]
+        scored_upto = t + 1
+        responses = [tokens[i, :lengths[i]].tolist() for i in range(n)]
+        return Boundary(new, position < lengths[:, None], responses, last_hidden, last_logprob)
+
+    for t in range(steps):
+        active = ~finished
+        with compute.timed("sampling"):
+            if settings.proposal == "topk":
+                slot = torch.arange(n) % settings.successors
+                chosen = topk_candidates(logits, settings.successors).gather(-1, slot[:, None]).squeeze(-1)
+            else:
+                chosen = sample_tokens(logits, uniforms[:, t], settings.temperature, settings.top_k, settings.top_p)
+            chosen = torch.where(active, chosen, pad)
+            last_logprob = torch.where(active, torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1), last_logprob)
+        tokens[:, t] = chosen
+        lengths += active.long()
+        compute.generated_tokens += int(active.sum())
+        finished |= active & torch.isin(chosen, eos)
+        done = bool(finished.all()) or t == steps - 1
+        if done and guide is None:
+            break
+        hidden = incremental.feed(chosen[:, None], active[:, None])[:, -1]
+        last_hidden = torch.where(active[:, None], hidden, last_hidden)
+        if done:
+            break
+        logits = incremental.logits(hidden)
+        if selects and (t + 1) % settings.chunk_length == 0:
+            scores = guide.score(boundary(t))
+            with compute.timed("selection"):
+                index, changed = _select(scores, [tokens[i, :lengths[i]].tolist() for i in range(n)],
+                                         len(prompts), settings, seeds, t)
+            for p, was_changed in enumerate(changed):
+                boundaries[p] += 1
+                changes[p] += int(was_changed)
+            incremental.reorder(index)
+            guide.reorder(index)
+            tokens, lengths, finished = tokens[index], lengths[index], finished[index]
+            last_hidden, last_logprob, logits = last_hidden[index], last_logprob[index], logits[index]
+
+    values = guide.score(boundary(int(lengths.max()) - 1)) if guide is not None else torch.full((n,), float("nan"))
+    with compute.timed("text_decode"):
+        response_ids = [_strip_eos(tokens[i, :lengths[i]].tolist(), policy.eos_ids) for i in range(n)]
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    rewards = None
+    if reward_model is not None and settings.final_pick == "reward" and rows > 1:
+        with compute.timed("reward_forward"):
+            rewards = reward_model.score([x for x in instructions for _ in range(rows)], texts)
+        compute.reward_calls += n
+    results = []
+    for p, instruction in enumerate(instructions):
+        group = slice(p * rows, (p + 1) * rows)
+        group_values = values[group].tolist()
+        if rewards is not None:
+            pick = max(range(rows), key=lambda i: (rewards[group][i], -i))
+        elif guide is not None:
+            pick = max(range(rows), key=lambda i: (group_values[i], -i))
+        else:
+            pick = 0
+        results.append(SearchResult(instruction, texts[group], response_ids[group], group_values,
+                                    rewards[group] if rewards is not None else None, pick,
+                                    boundaries[p], changes[p]))
+    return results
+
+
+def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids

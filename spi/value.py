@@ -1,0 +1,253 @@
+"""Value models: a scalar head read at every position, fitted by Monte Carlo regression.
+
+Two kinds behind one class:
+- ``policy-head``: a linear head on the frozen policy's last hidden state. During search the policy's
+  forward pass already computes that state, so guidance costs one dot product per row.
+- ``backbone``: a separate transformer (same tokenizer as the policy) with the head at every
+  position, fully fine-tuned or LoRA-tuned; during search it keeps its own KV cache.
+Inputs are built by ``spi.prompts.value_input_ids`` for fitting and for search alike.
+
+Saved as a folder: ``value.json`` (kind, names, sizes, fit report, sha256 of every weight file) plus
+``head.safetensors`` and, for the backbone kind, ``backbone/``. Loading verifies the checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FitReport:
+    train_sequences: int
+    train_positions: int
+    final_loss: float
+    holdout_sequences: int
+    holdout_mse: float
+    holdout_explained_variance: float
+    seconds: float
+
+
+class ValueModel(nn.Module):
+    def __init__(self, kind: str, hidden_size: int, policy_name: str, backbone=None, tokenizer=None,
+                 backbone_name: str | None = None):
+        super().__init__()
+        self.kind, self.policy_name, self.backbone_name = kind, policy_name, backbone_name
+        self.hidden_size = hidden_size
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.backbone, self.tokenizer = backbone, tokenizer
+        self.report: FitReport | None = None
+
+    def head_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def features(self, input_ids, attention_mask, policy=None) -> torch.Tensor:
+        """Hidden states [B, T, H] that the head reads: from the backbone, or from the policy."""
+        model = self.backbone if self.kind == "backbone" else policy.get_decoder()
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+
+    def score_sequences(self, sequences: list[list[int]], pad_id: int, policy=None) -> torch.Tensor:
+        """Value at the last token of each sequence (right-padded batch, no cache)."""
+        ids, mask = pad_right(sequences, pad_id)
+        hidden = self.features(ids, mask, policy)
+        last = hidden[torch.arange(len(sequences)), mask.sum(-1) - 1]
+        return self.head_values(last)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / "head.safetensors")
+        if self.kind == "backbone":
+            backbone = self.backbone.merge_and_unload() if hasattr(self.backbone, "merge_and_unload") else self.backbone
+            self.backbone = backbone
+            backbone.save_pretrained(folder / "backbone")
+            self.tokenizer.save_pretrained(folder / "backbone")
+        meta = {
+            "format_version": FORMAT_VERSION, "kind": self.kind, "hidden_size": self.hidden_size,
+            "policy": self.policy_name, "backbone": self.backbone_name,
+            "report": asdict(self.report) if self.report else None,
+            "checksums": _checksums(folder),
+        }
+        (folder / "value.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "value.json")
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def folder_digest(folder: str | Path) -> str:
+    meta = json.loads((Path(folder) / "value.json").read_text())
+    return hashlib.sha256(json.dumps(meta["checksums"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
+    folder = Path(folder)
+    meta_path = folder / "value.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} is not a value model folder (no value.json)")
+    meta = json.loads(meta_path.read_text())
+    actual = _checksums(folder)
+    if actual != meta["checksums"]:
+        bad = sorted(set(actual.items()) ^ set(meta["checksums"].items()))
+        raise ValueError(f"value model {folder} fails its checksum ({', '.join(sorted({b[0] for b in bad}))})")
+    backbone = tokenizer = None
+    if meta["kind"] == "backbone":
+        from transformers import AutoModel, AutoTokenizer
+
+        backbone = AutoModel.from_pretrained(str(folder / "backbone")).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "backbone"))
+    model = ValueModel(meta["kind"], meta["hidden_size"], meta["policy"], backbone, tokenizer, meta["backbone"])
+    model.head.load_state_dict(load_file(folder / "head.safetensors"))
+    model.report = FitReport(**meta["report"]) if meta.get("report") else None
+    return model.to(device).eval()
+
+
+def pad_right(sequences: list[list[int]], pad_id: int):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class ValueExample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # including the EOS token when the response ended
+    reward: float
+    group: str  # prompt key: hold-out splits by prompt, never within one
+
+
+def _response_mask(examples: list[ValueExample], width: int) -> torch.Tensor:
+    """1 at positions t = last prompt token .. last response token: V(x, y_<t) for t in 0..|y|."""
+    mask = torch.zeros(len(examples), width)
+    for i, ex in enumerate(examples):
+        start = len(ex.prompt_ids) - 1
+        mask[i, start:len(ex.prompt_ids) + len(ex.response_ids)] = 1
+    return mask
+
+
+def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, epochs: int = 10,
+              learning_rate: float = 1e-3, batch_size: int = 16, weight_decay: float = 0.0,
+              holdout_fraction: float = 0.2, seed: int = 0, progress=None) -> FitReport:
+    """loss = 0.5 * mean over examples and response positions of (V(x, y_<t) - r(x, y))^2."""
+    import time
+
+    from spi.prompts import value_input_ids
+
+    start = time.perf_counter()
+    groups = sorted({ex.group for ex in examples})
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:int(len(groups) * holdout_fraction)]) if len(groups) > 1 else set()
+    train = [ex for ex in examples if ex.group not in held]
+    holdout = [ex for ex in examples if ex.group in held]
+    if not train:
+        raise ValueError("no training examples for the value fit")
+
+    def batches(items, shuffle_seed=None):
+        order = list(range(len(items)))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        for s in range(0, len(order), batch_size):
+            chunk = [items[i] for i in order[s:s + batch_size]]
+            ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
+            targets = torch.tensor([e.reward for e in chunk])
+            yield ids, mask, _response_mask(chunk, ids.shape[1]), targets
+
+    # The head-only kind trains on frozen features: compute them once.
+    frozen = model.kind == "policy-head"
+    if frozen:
+        with torch.no_grad():
+            train_batches = [(model.features(i, m, policy).float(), w, t) for i, m, w, t in batches(train)]
+        mean_reward = sum(e.reward for e in train) / len(train)
+        nn.init.constant_(model.head.bias, mean_reward)
+    trainable = [p for p in model.parameters() if p.requires_grad] if not frozen else list(model.head.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    model.train()
+    loss_value = float("nan")
+    for epoch in range(epochs):
+        epoch_batches = (
+            [train_batches[i] for i in random.Random(seed + epoch).sample(range(len(train_batches)), len(train_batches))]
+            if frozen else batches(train, seed + epoch)
+        )
+        total, weight = 0.0, 0.0
+        for batch in epoch_batches:
+            if frozen:
+                hidden, positions, targets = batch
+            else:
+                ids, mask, positions, targets = batch
+                hidden = model.features(ids, mask)
+            values = model.head_values(hidden)
+            loss = 0.5 * (((values - targets[:, None]) ** 2) * positions).sum() / positions.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * float(positions.sum())
+            weight += float(positions.sum())
+        loss_value = total / weight
+        if progress:
+            progress(epoch + 1, epochs, loss_value)
+    model.eval()
+    mse, explained = evaluate_value(model, holdout, pad_id, policy) if holdout else (float("nan"), float("nan"))
+    model.report = FitReport(len(train), int(sum(len(e.response_ids) + 1 for e in train)), loss_value,
+                             len(holdout), mse, explained, time.perf_counter() - start)
+    return model.report
+
+
+@torch.inference_mode()
+def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None):
+    """Mean squared error and explained variance of V over all response positions of ``examples``."""
+    from spi.prompts import value_input_ids
+
+    errors, targets_all = [], []
+    for s in range(0, len(examples), 16):
+        chunk = examples[s:s + 16]
+        ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
+        positions = _response_mask(chunk, ids.shape[1]).bool()
+        values = model.head_values(model.features(ids, mask, policy)).float()
+        targets = torch.tensor([e.reward for e in chunk])[:, None].expand_as(values)
+        errors.append((values - targets)[positions])
+        targets_all.append(targets[positions])
+    errors, targets_all = torch.cat(errors), torch.cat(targets_all)
+    mse = float((errors ** 2).mean())
+    variance = float(targets_all.var(unbiased=False))
+    return mse, (1 - mse / variance) if variance > 0 else float("nan")
+
+
+def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | None = None,
+                    lora_rank: int = 0, dtype: str = "float32") -> ValueModel:
+    if kind == "policy-head":
+        return ValueModel(kind, policy.config.hidden_size, policy_name)
+    from spi.models import load_causal_lm, load_tokenizer
+
+    backbone = load_causal_lm(backbone_name, dtype).get_decoder()
+    if lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        backbone = get_peft_model(backbone, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
+                                                       target_modules=["q_proj", "v_proj"]))
+    for p in backbone.parameters():
+        p.requires_grad_(lora_rank == 0 or p.requires_grad)
+    model = ValueModel(kind, backbone.config.hidden_size, policy_name, backbone.train(),
+                       load_tokenizer(backbone_name), backbone_name)
+    return model
