@@ -1,0 +1,54 @@
+"""The ``spi`` command. Each area registers its own subcommands; this file only dispatches.
+
+    spi run RECIPE            the experiment flow (flows.commands)
+    spi eval ...              AlpacaEval scoring, judges (evaluation.cli)
+    spi bench ...             decoding / fitting / orchestration benchmarks (spi.bench)
+    spi up | down | status    the local services (flows.services)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Each module exposes add_commands(subparsers); a missing module just means its commands are absent.
+COMMAND_MODULES = ("flows.commands", "evaluation.cli", "spi.bench", "flows.services")
+
+OFFLINE_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spi", description="Inference-time SPI experiment platform")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
