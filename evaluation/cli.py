@@ -1,0 +1,162 @@
+"""``spi eval ...`` subcommands (mounted by flows/cli.py through :func:`add_eval_commands`).
+
+    spi eval leaderboard --eval-set FILE --outputs DIR --preferences DIR --out FILE.json
+    spi eval train-judge --eval-set FILE --outputs DIR --preferences DIR --out DIR [--backbone minilm-l6]
+    spi eval judge-agreement --eval-set FILE --outputs DIR --preferences DIR [--backbone minilm-l6]
+    spi eval judge --eval-set FILE --outputs FILE --judge NAME [--judge-arg k=v] --out FILE.json
+
+Standalone: ``python -m evaluation.cli leaderboard ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser, *, outputs_help="folder of <model>.jsonl.gz with {index, output}"):
+    p.add_argument("--eval-set", required=True, help="eval set file or folder (eval_set.jsonl or AlpacaEval JSON)")
+    p.add_argument("--outputs", required=True, help=outputs_help)
+    p.add_argument("--preferences", required=True, help="folder of <model>.jsonl.gz with {index, preference}")
+
+
+def _subset_args(p):
+    p.add_argument("--n", type=int, default=None, help="use a deterministic subset of n instructions")
+    p.add_argument("--stratify", action="store_true", help="stratify the subset by the dataset field")
+
+
+def add_eval_commands(subparsers) -> None:
+    """Register the evaluation subcommands on an argparse subparsers object."""
+    p = subparsers.add_parser("leaderboard", help="score outputs+preferences folders into a leaderboard JSON")
+    _common(p)
+    p.add_argument("--out", required=True, help="JSON file: {model: {win_rate, length_controlled_winrate, ...}}")
+    p.add_argument("--glm-weights", default=None,
+                   help="alpaca_eval's glm_weights_length_controlled_v1.csv, for the regularisation toward the "
+                        "gamed baselines (their outputs must be in --outputs); default: the file of that name "
+                        "beside the preferences folder, if present")
+    p.add_argument("--no-difficulty", action="store_true", help="drop the instruction-difficulty term")
+    p.add_argument("--compare", default=None, help="a published leaderboard CSV to print MAE / Spearman against")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = subparsers.add_parser("train-judge", help="train the Bradley-Terry judge on preference files")
+    _common(p)
+    p.add_argument("--out", required=True, help="folder for the judge (head + checksum)")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--max-tokens", type=int, default=128)
+    _subset_args(p)
+    p.set_defaults(func=cmd_train_judge)
+
+    p = subparsers.add_parser("judge-agreement", help="agreement with the preferences on held-out models+instructions")
+    _common(p)
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    _subset_args(p)
+    p.set_defaults(func=cmd_judge_agreement)
+
+    p = subparsers.add_parser("judge", help="judge one model's AlpacaEval-format outputs against the references")
+    p.add_argument("--eval-set", required=True)
+    p.add_argument("--outputs", required=True, help="AlpacaEval JSON/JSONL: {instruction, output, generator}")
+    p.add_argument("--judge", default="length", help="registered judge name (length, reward, llm, trained, alpaca_eval)")
+    p.add_argument("--judge-arg", action="append", default=[], help="judge keyword argument k=v (repeatable)")
+    p.add_argument("--cache", default=None, help="SQLite judgement cache (default $SPI_CACHE_DIR/judgements.sqlite)")
+    p.add_argument("--out", default=None, help="write {index, preference} JSONL here")
+    p.set_defaults(func=cmd_judge)
+
+
+def _load_eval(args):
+    from .data import load_eval_set, subset
+
+    eval_set = load_eval_set(args.eval_set)
+    return subset(eval_set, getattr(args, "n", None), stratify=getattr(args, "stratify", False))
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import compare_with_published, compute_leaderboard, format_table, write_leaderboard
+
+    eval_set = _load_eval(args)
+    weights = args.glm_weights
+    if weights is None:
+        candidate = Path(args.preferences).resolve().parent / "glm_weights_length_controlled_v1.csv"
+        weights = candidate if candidate.is_file() else None
+    board = compute_leaderboard(eval_set, args.outputs, args.preferences, gamed_weights_path=weights,
+                                use_difficulty=not args.no_difficulty)
+    write_leaderboard(board, args.out)
+    print(format_table(board))
+    print(f"regularised toward gamed baselines: {'yes (' + str(weights) + ')' if any(r['regularized'] for r in board.values()) else 'no'}")
+    if args.compare:
+        cmp = compare_with_published(board, args.compare)
+        print(f"vs {args.compare}: {cmp['n_models']} models, LC MAE {cmp['lc_mae']:.3f}, LC max error "
+              f"{cmp['lc_max_error']:.3f}, LC Spearman {cmp['lc_spearman']:.4f}, raw max error {cmp['raw_max_error']:.2e}")
+    return 0
+
+
+def cmd_train_judge(args) -> int:
+    from .trained_judge import default_embed_cache, train_judge
+
+    eval_set = _load_eval(args)
+    judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=args.backbone,
+                        indices=[e["index"] for e in eval_set], max_tokens=args.max_tokens,
+                        embed_cache_dir=default_embed_cache())
+    print(f"saved {judge.identity} to {args.out} (C={judge.meta['C']}, {judge.meta['n_pairs']} pairs)")
+    return 0
+
+
+def cmd_judge_agreement(args) -> int:
+    from .trained_judge import default_embed_cache, format_agreement, judge_agreement
+
+    eval_set = _load_eval(args)
+    result = judge_agreement(eval_set, args.outputs, args.preferences, backbone=args.backbone,
+                             indices=[e["index"] for e in eval_set], test_fraction=args.test_fraction,
+                             seed=args.seed, max_tokens=args.max_tokens, embed_cache_dir=default_embed_cache())
+    print(format_agreement(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _parse_kwargs(pairs):
+    kwargs = {}
+    for item in pairs:
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def cmd_judge(args) -> int:
+    import os
+
+    from .data import read_model_outputs
+    from .judges import JudgementCache, judge_pairs, make_judge
+    from .metrics import win_rate_metrics
+
+    eval_set = _load_eval(args)
+    outputs = read_model_outputs(args.outputs, eval_set)
+    judge = make_judge(args.judge, **_parse_kwargs(args.judge_arg))
+    cache_path = args.cache or Path(os.environ.get("SPI_CACHE_DIR") or Path.home() / ".cache" / "spi") / "judgements.sqlite"
+    rows = [e for e in eval_set if e["index"] in outputs]
+    prefs = judge_pairs(judge, [e["instruction"] for e in rows], [outputs[e["index"]]["output"] for e in rows],
+                        [e["reference_output"] for e in rows], cache=JudgementCache(cache_path))
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps({"index": e["index"], "preference": p}) + "\n" for e, p in zip(rows, prefs)))
+    m = win_rate_metrics(prefs)
+    print(f"judge {judge.identity}: win rate {m['win_rate']:.2f} +- {m['standard_error']:.2f} over {m['n_total']} instructions")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="spi eval", description=__doc__.splitlines()[0])
+    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
