@@ -38,6 +38,7 @@ def add_eval_commands(subparsers) -> None:
                         "beside the preferences folder, if present")
     p.add_argument("--no-difficulty", action="store_true", help="drop the instruction-difficulty term")
     p.add_argument("--compare", default=None, help="a published leaderboard CSV to print MAE / Spearman against")
+    _subset_args(p)
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser("train-judge", help="train the Bradley-Terry judge on preference files")
@@ -65,26 +66,29 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--judge-arg", action="append", default=[], help="judge keyword argument k=v (repeatable)")
     p.add_argument("--cache", default=None, help="SQLite judgement cache (default $SPI_CACHE_DIR/judgements.sqlite)")
     p.add_argument("--out", default=None, help="write {index, preference} JSONL here")
+    _subset_args(p)
     p.set_defaults(func=cmd_judge)
 
 
 def _load_eval(args):
+    """(full eval set, the indices chosen by --n/--stratify)."""
     from .data import load_eval_set, subset
 
     eval_set = load_eval_set(args.eval_set)
-    return subset(eval_set, getattr(args, "n", None), stratify=getattr(args, "stratify", False))
+    chosen = subset(eval_set, getattr(args, "n", None), stratify=getattr(args, "stratify", False))
+    return eval_set, [e["index"] for e in chosen]
 
 
 def cmd_leaderboard(args) -> int:
     from .leaderboard import compare_with_published, compute_leaderboard, format_table, write_leaderboard
 
-    eval_set = _load_eval(args)
+    eval_set, indices = _load_eval(args)
     weights = args.glm_weights
     if weights is None:
         candidate = Path(args.preferences).resolve().parent / "glm_weights_length_controlled_v1.csv"
         weights = candidate if candidate.is_file() else None
     board = compute_leaderboard(eval_set, args.outputs, args.preferences, gamed_weights_path=weights,
-                                use_difficulty=not args.no_difficulty)
+                                use_difficulty=not args.no_difficulty, indices=indices)
     write_leaderboard(board, args.out)
     print(format_table(board))
     print(f"regularised toward gamed baselines: {'yes (' + str(weights) + ')' if any(r['regularized'] for r in board.values()) else 'no'}")
@@ -98,9 +102,9 @@ def cmd_leaderboard(args) -> int:
 def cmd_train_judge(args) -> int:
     from .trained_judge import default_embed_cache, train_judge
 
-    eval_set = _load_eval(args)
+    eval_set, indices = _load_eval(args)
     judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=args.backbone,
-                        indices=[e["index"] for e in eval_set], max_tokens=args.max_tokens,
+                        indices=indices, max_tokens=args.max_tokens,
                         embed_cache_dir=default_embed_cache())
     print(f"saved {judge.identity} to {args.out} (C={judge.meta['C']}, {judge.meta['n_pairs']} pairs)")
     return 0
@@ -109,9 +113,9 @@ def cmd_train_judge(args) -> int:
 def cmd_judge_agreement(args) -> int:
     from .trained_judge import default_embed_cache, format_agreement, judge_agreement
 
-    eval_set = _load_eval(args)
+    eval_set, indices = _load_eval(args)
     result = judge_agreement(eval_set, args.outputs, args.preferences, backbone=args.backbone,
-                             indices=[e["index"] for e in eval_set], test_fraction=args.test_fraction,
+                             indices=indices, test_fraction=args.test_fraction,
                              seed=args.seed, max_tokens=args.max_tokens, embed_cache_dir=default_embed_cache())
     print(format_agreement(result))
     if args.json:
@@ -137,8 +141,10 @@ def cmd_judge(args) -> int:
     from .judges import JudgementCache, judge_pairs, make_judge
     from .metrics import win_rate_metrics
 
-    eval_set = _load_eval(args)
+    eval_set, indices = _load_eval(args)
     outputs = read_model_outputs(args.outputs, eval_set)
+    chosen = set(indices)
+    outputs = {i: o for i, o in outputs.items() if i in chosen}
     judge = make_judge(args.judge, **_parse_kwargs(args.judge_arg))
     cache_path = args.cache or Path(os.environ.get("SPI_CACHE_DIR") or Path.home() / ".cache" / "spi") / "judgements.sqlite"
     rows = [e for e in eval_set if e["index"] in outputs]

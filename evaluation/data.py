@@ -220,11 +220,13 @@ def write_model_outputs(path: str | os.PathLike, eval_set: list[dict], outputs: 
     return path
 
 
-def read_indexed(path: str | os.PathLike, field: str, eval_set: list[dict], *, allow_empty: bool = False) -> dict[int, object]:
+def read_indexed(path: str | os.PathLike, field: str, eval_set: list[dict], *, allow_empty: bool = False,
+                 keep: set[int] | None = None) -> dict[int, object]:
     """{index: value} from ../shared's ``{index, output}`` / ``{index, preference}`` JSONL(.gz) files.
 
     ``field == "preference"`` values must be numbers in [1, 2]; ``"output"`` values non-empty strings
-    (unless ``allow_empty``). Indices must be known and unique.
+    (unless ``allow_empty``). Indices must belong to ``eval_set`` and be unique; with ``keep`` (a subset
+    of indices) rows outside it are checked, then dropped.
     """
     known = {e["index"] for e in eval_set}
     result: dict[int, object] = {}
@@ -242,6 +244,8 @@ def read_indexed(path: str | os.PathLike, field: str, eval_set: list[dict], *, a
             result[index] = check_preference(path, row, obj.get("preference"))
         else:
             result[index] = _text(path, row, obj, field, allow_empty=allow_empty)
+    if keep is not None:
+        result = {i: v for i, v in result.items() if i in keep}
     return result
 
 

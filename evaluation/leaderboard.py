@@ -29,9 +29,11 @@ from .metrics import win_rate_metrics
 LEADERBOARD_KEYS = ("win_rate", "length_controlled_winrate", "lc_standard_error", "n_total")
 
 
-def load_folder(folder, field: str, eval_set: list[dict], *, allow_empty: bool = False) -> dict[str, dict[int, object]]:
+def load_folder(folder, field: str, eval_set: list[dict], *, allow_empty: bool = False,
+                keep: set[int] | None = None) -> dict[str, dict[int, object]]:
     """{model: {index: value}} for every ``<model>.jsonl.gz`` in a folder (errors name file and row)."""
-    return {m: read_indexed(p, field, eval_set, allow_empty=allow_empty) for m, p in model_files(folder).items()}
+    return {m: read_indexed(p, field, eval_set, allow_empty=allow_empty, keep=keep)
+            for m, p in model_files(folder).items()}
 
 
 def compute_leaderboard(
@@ -42,17 +44,19 @@ def compute_leaderboard(
     gamed_weights_path=None,
     use_difficulty: bool = True,
     regularize_lambda: float = 0.2,
+    indices=None,
     log=None,
 ) -> dict[str, dict]:
     """{model: metrics} for every model with both an outputs and a preferences file.
 
     ``gamed_weights_path``: alpaca_eval's glm_weights_length_controlled_v1.csv; with it and the gamed
     baselines' outputs in ``outputs_dir`` the GLM is regularised toward them, otherwise it is not
-    (``regularized`` in each row says which).
+    (``regularized`` in each row says which). ``indices``: score only these instructions (a subset).
     """
-    references = {e["index"]: e["reference_output"] for e in eval_set}
-    outputs = load_folder(outputs_dir, "output", eval_set, allow_empty=True)
-    preferences = load_folder(preferences_dir, "preference", eval_set)
+    keep = set(indices) if indices is not None else None
+    references = {e["index"]: e["reference_output"] for e in eval_set if keep is None or e["index"] in keep}
+    outputs = load_folder(outputs_dir, "output", eval_set, allow_empty=True, keep=keep)
+    preferences = load_folder(preferences_dir, "preference", eval_set, keep=keep)
     scored = sorted(set(outputs) & set(preferences))
     for model in scored:
         missing = set(preferences[model]) - set(outputs[model])

@@ -168,9 +168,9 @@ def _choose_C(diff: np.ndarray, y: np.ndarray, models: Sequence, instructions: S
 def collect_pairs(eval_set, outputs_dir, preferences_dir, *, models=None, indices=None) -> list[tuple[str, int, str, float]]:
     """(model, index, output, preference) for every judged pair, skipping outputs identical to the reference."""
     refs = {e["index"]: e["reference_output"] for e in eval_set}
-    outputs = load_folder(outputs_dir, "output", eval_set, allow_empty=True)
-    prefs = load_folder(preferences_dir, "preference", eval_set)
     wanted = set(indices) if indices is not None else None
+    outputs = load_folder(outputs_dir, "output", eval_set, allow_empty=True, keep=wanted)
+    prefs = load_folder(preferences_dir, "preference", eval_set, keep=wanted)
     pairs = []
     for model in sorted(set(outputs) & set(prefs)):
         if models is not None and model not in models:

@@ -1,0 +1,87 @@
+"""Length-controlled win rate: offline LC v1 against the public leaderboard, and its properties."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.data import load_eval_set, model_files
+from evaluation.leaderboard import compare_with_published, load_folder, plot_win_rates
+from evaluation.length_control import instruction_difficulty, length_controlled_win_rate
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("SPI_ALPACA_DATA") or REPO.parent / "shared/data/alpaca_eval")
+needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
+                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+LEADERBOARD = DATA / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv"
+
+
+@needs_data
+def test_leaderboard_command_matches_published_lc(tmp_path):
+    out = tmp_path / "lb.json"
+    cmd = [sys.executable, "-m", "evaluation.cli", "leaderboard", "--eval-set", str(DATA / "eval_set.jsonl"),
+           "--outputs", str(DATA / "outputs"), "--preferences", str(DATA / "preferences"), "--out", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    board = json.loads(out.read_text())
+    with_both = set(model_files(DATA / "preferences")) & set(model_files(DATA / "outputs"))
+    assert set(board) == with_both  # Meta-Llama-3-8B-Instruct has outputs only: not scored
+    for row in board.values():
+        assert {"win_rate", "length_controlled_winrate", "lc_standard_error", "n_total"} <= set(row)
+    assert "regularised toward gamed baselines: yes" in run.stdout
+    cmp = compare_with_published(board, LEADERBOARD)
+    print(f"\nLC vs published: MAE {cmp['lc_mae']:.3f}, max {cmp['lc_max_error']:.3f}, "
+          f"Spearman {cmp['lc_spearman']:.4f} over {cmp['n_models']} models")
+    assert cmp["raw_max_error"] < 1e-6
+    assert cmp["lc_mae"] < 1.6
+    assert cmp["lc_max_error"] < 5.0
+    assert cmp["lc_spearman"] > 0.99
+
+
+@needs_data
+def test_difficulty_ignores_model_names():
+    es = load_eval_set(DATA)
+    keep = {e["index"] for e in es[:150]}
+    refs = {e["index"]: e["reference_output"] for e in es[:150]}
+    outs = load_folder(DATA / "outputs", "output", es, allow_empty=True, keep=keep)
+    prefs = load_folder(DATA / "preferences", "preference", es, keep=keep)
+    picked = sorted(prefs)[:8]
+    d1 = instruction_difficulty({m: prefs[m] for m in picked}, outs, refs)
+    renamed = {f"unseen-{k}": m for k, m in enumerate(picked)}
+    d2 = instruction_difficulty({n: prefs[m] for n, m in renamed.items()}, {n: outs[m] for n, m in renamed.items()}, refs)
+    assert d1 == pytest.approx(d2, abs=1e-6)
+    # instructions that models win more often get a larger difficulty term
+    mean_win = np.array([np.mean([prefs[m][i] for m in picked]) for i in sorted(refs)])
+    d = np.array([d1[i] for i in sorted(refs)])
+    assert np.corrcoef(mean_win, d)[0, 1] > 0.5
+
+
+def test_lc_removes_a_pure_length_effect():
+    rng = np.random.default_rng(0)
+    n = 600
+    refs = {i: "r" * int(rng.integers(200, 2000)) for i in range(n)}
+
+    def system(factor):
+        outs = {i: "o" * max(1, int(len(refs[i]) * factor * rng.uniform(0.7, 1.3))) for i in range(n)}
+        # the judge only likes length: logit = 1.5 * tanh(len difference in std units)
+        delta = np.array([len(refs[i]) - len(outs[i]) for i in range(n)], float)
+        p = 1 / (1 + np.exp(1.5 * np.tanh(delta / delta.std())))
+        return {i: 1 + float(p[i]) for i in range(n)}, outs
+
+    for factor in (0.5, 2.0):
+        prefs, outs = system(factor)
+        raw = 100 * np.mean([v - 1 for v in prefs.values()])
+        lc = length_controlled_win_rate(prefs, outs, refs)
+        assert abs(raw - 50) > 15  # the raw rate is driven by length ...
+        assert abs(lc["length_controlled_winrate"] - 50) < 5  # ... the LC rate is not
+        assert lc["phi"] < 0 and lc["lc_standard_error"] >= 0
+
+
+def test_plot_helper(tmp_path):
+    path = plot_win_rates({"SPI": [(0, 50.0), (1, 55.0), (2, 58.0)], "BoN": [(0, 50.0), (2, 53.0)]},
+                          tmp_path / "wr.png", xlabel="iteration", errors={"SPI": [1.0, 1.2, 1.1]})
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
