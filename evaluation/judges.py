@@ -128,7 +128,7 @@ def judge_pairs(
     if not (len(instructions) == len(outputs) == len(references)):
         raise ValueError("instructions, outputs and references must have the same length")
     keys = [JudgementCache.key(judge.identity, i, r, o) for i, o, r in zip(instructions, outputs, references)]
-    known = cache.get_many(keys) if cache else {}
+    known = cache.get_many(keys) if cache is not None else {}
     todo = [n for n, k in enumerate(keys) if k not in known]
     todo = list(dict.fromkeys(todo))
     for start in range(0, len(todo), batch_size):
@@ -142,7 +142,7 @@ def judge_pairs(
             if not (math.isfinite(p) and 1.0 <= p <= 2.0):
                 raise ValueError(f"judge {judge.identity} returned preference {p} outside [1, 2]")
             new[keys[n]] = p
-        if cache:
+        if cache is not None:
             cache.put_many(judge.identity, new)
         known.update(new)
     return [known[k] for k in keys]
