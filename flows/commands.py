@@ -1,0 +1,169 @@
+"""``spi run`` and ``spi promote`` (mounted by flows/cli.py through :func:`add_commands`).
+
+    spi run RECIPE [--set section.field=value ...] [--workdir DIR] [--summary-json FILE]
+    spi promote NAME [--workdir DIR | --tracking-uri URI] [--margin M] [--metric win_rate] [--stages]
+
+``spi run`` runs the experiment flow in this process. With no PREFECT_API_URL set, Prefect uses its
+local temporary API (nothing to start by hand); MLflow and the store default to SQLite files in the
+work directory. Bad input (unknown recipe field, unreachable tracking URI, corrupt stage file,
+unknown registered model) ends with one ``error: ...`` line and exit code 2; finished stages are kept
+and a rerun resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+# The temporary Prefect API starts as a subprocess; on a busy 2-core machine it needs more than 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run an SPI experiment (iterations, baselines, judging, tracking)",
+                              description="Run an SPI experiment flow in this process.")
+    p.add_argument("recipe", help="built-in recipe name (smoke, paper) or a recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field (value parsed as YAML); repeatable")
+    p.add_argument("--workdir", default=None, help="root for stage files, MLflow and the store (default: execution.workdir)")
+    p.add_argument("--summary-json", default=None, metavar="FILE", help="write a JSON summary of the run here")
+    p.add_argument("--allow-reward-judge", action="store_true",
+                   help="allow judging with the reward model the experiment trained on (reported as such)")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("promote", help="promote a registered value model's candidate to champion",
+                              description="Move alias champion to the candidate version when it beats the "
+                                          "champion by more than the margin.")
+    p.add_argument("registered_model", help="registered model name, e.g. smoke-value")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="runs", help="work directory whose mlflow.db holds the registry")
+    where.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    p.add_argument("--margin", type=float, default=0.0, help="win-rate points the candidate must gain")
+    p.add_argument("--metric", default="win_rate", help="version tag compared (default win_rate)")
+    p.add_argument("--stages", action="store_true", help="also mirror the deprecated registry stages")
+    p.set_defaults(func=cmd_promote)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from evaluation.data import DataError
+    from flows.judging import JudgeSpecError
+    from flows.tasks import StageError
+    from mlflow_store.registry import RegistryError
+    from mlflow_store.store import StoreError
+    from mlflow_store.tracking import TrackingURIError
+    from spi.config import RecipeError
+
+    return (RecipeError, TrackingURIError, StoreError, RegistryError, StageError, JudgeSpecError, DataError,
+            FileNotFoundError, ValueError)
+
+
+def _error(err: BaseException) -> int:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_run(args) -> int:
+    from mlflow_store.store import Store
+    from mlflow_store.tracking import client_for
+    from spi.config import load_recipe, parse_overrides
+
+    errors = _bad_input_errors()
+    try:  # fail before anything starts: recipe, tracking URI, store URL
+        overrides = parse_overrides(args.overrides)
+        recipe = load_recipe(args.recipe, overrides)
+        from flows.experiment import Context
+
+        ctx = Context(recipe, args.workdir)
+        client_for(ctx.tracking_uri)
+        Store(ctx.store_url).close()
+    except errors as err:
+        return _error(err)
+
+    from flows.experiment import spi_experiment
+
+    print(f"spi run {recipe.name} ({recipe.digest}): files in {ctx.dir}")
+    print(f"  MLflow {ctx.tracking_uri} (experiment {ctx.experiment}), store {ctx.store_url}")
+    started = time.perf_counter()
+    try:
+        summary = spi_experiment(recipe=args.recipe, overrides=overrides or None,
+                                 workdir=str(ctx.root), allow_reward_judge=args.allow_reward_judge)
+    except errors as err:
+        print("finished stages are kept; rerun the same command to resume", file=sys.stderr)
+        return _error(err)
+    seconds = time.perf_counter() - started
+    if args.summary_json:
+        out = {"tracking_uri": summary["tracking_uri"], "experiment_run_id": summary["experiment_run_id"],
+               "store_url": summary["store_url"], "judge": summary["judge"], "reward_model": summary["reward_model"],
+               "registered_model": summary["registered_model"], "report": summary["report"], "seconds": seconds,
+               "stages": summary["stages"],
+               "systems": {name: {k: row.get(k) for k in ("iteration", "mean_reward", "win_rate",
+                                                           "length_controlled_winrate", "policy_tokens")}
+                           for name, row in summary["systems"].items()}}
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(out, indent=1))
+    counts = {}
+    for state in summary["stages"].values():
+        counts[state] = counts.get(state, 0) + 1
+    print()
+    print(f"done in {seconds:.0f} s; stages: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(f"  stage files   {ctx.dir}")
+    print(f"  MLflow        {summary['tracking_uri']}  experiment '{summary['experiment']}', "
+          f"run {summary['experiment_run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})")
+    print(f"  store         {summary['store_url']}")
+    if summary["registered_model"]:
+        champion = [p for p in summary["promotions"] if p["promoted"]]
+        print(f"  registry      models:/{summary['registered_model']}@candidate"
+              + (f", champion = version {champion[-1]['candidate_version']}" if champion else ""))
+    print(f"  report        {summary['report']}")
+    if args.summary_json:
+        print(f"  summary       {args.summary_json}")
+    print(f"\njudge: {summary['judge']} (reward model used for training: {summary['reward_model']})")
+    print(summary["table"])
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from mlflow_store.tracking import default_tracking_uri
+
+    errors = _bad_input_errors()
+    uri = args.tracking_uri or default_tracking_uri(args.workdir)
+    try:
+        from mlflow_store.registry import get_version
+
+        get_version(uri, args.registered_model, "candidate")  # clear error before a flow run starts
+        from flows.experiment import promote_value_model
+
+        decision = promote_value_model(registered_model=args.registered_model, tracking_uri=uri,
+                                       margin=args.margin, metric=args.metric, use_stages=args.stages)
+    except errors as err:
+        return _error(err)
+    verb = "promoted" if decision["promoted"] else "not promoted"
+    print(f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m flows.commands run RECIPE ...`` (same as ``spi run``)."""
+    import argparse
+
+    from flows.cli import OFFLINE_DEFAULTS
+
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    parser = argparse.ArgumentParser(prog="spi", description="SPI experiment commands")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
