@@ -1,0 +1,110 @@
+"""The Bradley-Terry judge trained on GPT-4-turbo preferences: save/load, checksum, and its agreement
+with GPT-4-turbo on models AND instructions it was not trained on, against a length-only baseline."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.data import load_eval_set, subset
+from evaluation.judges import make_judge
+from evaluation.trained_judge import (
+    TrainedJudge,
+    default_embed_cache,
+    format_agreement,
+    judge_agreement,
+    split_models_and_instructions,
+    train_judge,
+)
+
+DATA = Path(os.environ.get("SPI_ALPACA_DATA") or Path(__file__).resolve().parents[2].parent / "shared/data/alpaca_eval")
+needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
+                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _backbone_or_skip():
+    try:
+        from spi.models import resolve
+
+        resolve("minilm-l6")
+    except Exception as err:
+        pytest.skip(f"minilm-l6 backbone unavailable: {err}")
+
+
+def test_split_holds_out_models_and_instructions():
+    models = [f"m{i}" for i in range(10)]
+    tr_m, te_m, tr_i, te_i = split_models_and_instructions(models, range(100), test_fraction=0.3, seed=0)
+    assert len(te_m) == 3 and len(te_i) == 30
+    assert not set(tr_m) & set(te_m) and not set(tr_i) & set(te_i)
+    assert (tr_m, te_m) == split_models_and_instructions(models, range(100), test_fraction=0.3, seed=0)[:2]
+
+
+def test_length_only_judge_is_antisymmetric_and_survives_save_and_load(tmp_path):
+    rng = np.random.default_rng(0)
+    refs = ["r" * int(n) for n in rng.integers(50, 500, 200)]
+    outs = ["o" * int(n) for n in rng.integers(50, 500, 200)]
+    prefs = [1 + 1 / (1 + np.exp(-np.log((len(o) + 1) / (len(r) + 1)) * 2)) for o, r in zip(outs, refs)]
+    judge = TrainedJudge.fit(["q"] * 200, outs, refs, prefs, backbone=None, C=1.0)
+    assert judge.coef[-1] > 0  # longer answers preferred, as in the labels
+    p = judge.probability(["q"] * 200, outs, refs)
+    q = judge.probability(["q"] * 200, refs, outs)
+    assert np.allclose(p + q, 1.0)
+    judge.save(tmp_path / "j")
+    loaded = make_judge("trained", path=str(tmp_path / "j"))
+    assert loaded.identity == judge.identity
+    assert np.allclose(loaded.probability(["q"] * 200, outs, refs), p)
+    head = tmp_path / "j" / "judge_head.json"
+    data = json.loads(head.read_text())
+    data["coef"][0] += 1.0
+    head.write_text(json.dumps(data, sort_keys=True))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        TrainedJudge.load(tmp_path / "j")
+
+
+@needs_data
+def test_train_judge_command_function_on_a_subset(tmp_path):
+    _backbone_or_skip()
+    es = load_eval_set(DATA)
+    idx = [e["index"] for e in subset(es, 20, stratify=True)]
+    models = ["alpaca-7b", "claude-2", "vicuna-13b", "gpt-3.5-turbo-0301"]
+    judge = train_judge(es, DATA / "outputs", DATA / "preferences", tmp_path / "judge", models=models,
+                        indices=idx, embed_cache_dir=default_embed_cache())
+    assert (tmp_path / "judge" / "checksum.sha256").is_file()
+    assert judge.meta["models"] == sorted(models) and judge.meta["n_instructions"] == 20
+    loaded = TrainedJudge.load(tmp_path / "judge", embed_cache_dir=default_embed_cache())
+    e = es[idx[0]]
+    prefs = loaded.judge([e["instruction"]] * 2, ["Sure.", e["reference_output"]], [e["reference_output"], "Sure."])
+    assert all(1 <= p <= 2 for p in prefs) and prefs[0] + prefs[1] == pytest.approx(3.0)
+
+
+def _agreement(n):
+    _backbone_or_skip()
+    es = load_eval_set(DATA)
+    idx = [e["index"] for e in subset(es, n, stratify=True)]
+    result = judge_agreement(es, DATA / "outputs", DATA / "preferences", indices=idx,
+                             embed_cache_dir=default_embed_cache())
+    print("\n" + format_agreement(result))
+    return result
+
+
+@needs_data
+def test_trained_judge_beats_length_only_on_held_out_models_and_instructions_subset():
+    result = _agreement(120)
+    judge, base = result["judge"], result["length_only"]
+    assert result["split"]["n_test_pairs"] > 300
+    assert not set(result["split"]["test_models"]) & set(result["split"]["train_models"])
+    assert judge["auc_decisive"] > base["auc_decisive"]
+    assert judge["spearman"] > base["spearman"]
+
+
+@needs_data
+@pytest.mark.slow
+def test_trained_judge_beats_length_only_on_the_full_set():
+    result = _agreement(805)
+    judge, base = result["judge"], result["length_only"]
+    assert judge["auc_decisive"] > base["auc_decisive"] + 0.005
+    assert judge["spearman"] > base["spearman"]
+    assert judge["model_rank_spearman"] >= base["model_rank_spearman"] - 0.05
