@@ -151,7 +151,7 @@ def cmd_judge(args) -> int:
     prefs = judge_pairs(judge, [e["instruction"] for e in rows], [outputs[e["index"]]["output"] for e in rows],
                         [e["reference_output"] for e in rows], cache=JudgementCache(cache_path))
     if args.out:
-        Path(args.out).write_text("".join(json.dumps({"index": e["index"], "preference": p}) + "\n" for e, p in zip(rows, prefs)))
+        Path(args.out).write_text("".join(json.dumps({"index": e["index"], "preference": p}) + "\n" for e, p in zip(rows, prefs, strict=False)))
     m = win_rate_metrics(prefs)
     print(f"judge {judge.identity}: win rate {m['win_rate']:.2f} +- {m['standard_error']:.2f} over {m['n_total']} instructions")
     return 0

@@ -147,7 +147,7 @@ def attach_references(eval_set: list[dict], generate: Callable[[list[str]], list
     outputs = generate([e["instruction"] for e in eval_set])
     if len(outputs) != len(eval_set):
         raise ValueError(f"generator '{generator}' returned {len(outputs)} outputs for {len(eval_set)} instructions")
-    return [{**e, "reference_output": o, "reference_generator": generator} for e, o in zip(eval_set, outputs)]
+    return [{**e, "reference_output": o, "reference_generator": generator} for e, o in zip(eval_set, outputs, strict=False)]
 
 
 def subset(eval_set: list[dict], n: int | None, *, stratify: bool = False, seed: int = 0) -> list[dict]:

@@ -127,7 +127,7 @@ def judge_pairs(
     """
     if not (len(instructions) == len(outputs) == len(references)):
         raise ValueError("instructions, outputs and references must have the same length")
-    keys = [JudgementCache.key(judge.identity, i, r, o) for i, o, r in zip(instructions, outputs, references)]
+    keys = [JudgementCache.key(judge.identity, i, r, o) for i, o, r in zip(instructions, outputs, references, strict=False)]
     known = cache.get_many(keys) if cache is not None else {}
     todo = [n for n, k in enumerate(keys) if k not in known]
     todo = list(dict.fromkeys(todo))
@@ -137,7 +137,7 @@ def judge_pairs(
         if len(prefs) != len(rows):
             raise RuntimeError(f"judge {judge.identity} returned {len(prefs)} preferences for {len(rows)} pairs")
         new = {}
-        for n, p in zip(rows, prefs):
+        for n, p in zip(rows, prefs, strict=False):
             p = float(p)
             if not (math.isfinite(p) and 1.0 <= p <= 2.0):
                 raise ValueError(f"judge {judge.identity} returned preference {p} outside [1, 2]")
@@ -159,7 +159,7 @@ class LengthJudge:
 
     def judge(self, instructions, outputs, references):
         return [
-            1.0 + _sigmoid(self.scale * math.log((len(o) + 1) / (len(r) + 1))) for o, r in zip(outputs, references)
+            1.0 + _sigmoid(self.scale * math.log((len(o) + 1) / (len(r) + 1))) for o, r in zip(outputs, references, strict=False)
         ]
 
 
@@ -178,7 +178,7 @@ class RewardJudge:
     def judge(self, instructions, outputs, references):
         r_out = self.reward_model.score(list(instructions), list(outputs))
         r_ref = self.reward_model.score(list(instructions), list(references))
-        return [1.0 + _sigmoid(float(a) - float(b)) for a, b in zip(r_out, r_ref)]
+        return [1.0 + _sigmoid(float(a) - float(b)) for a, b in zip(r_out, r_ref, strict=False)]
 
 
 JUDGE_SYSTEM = (
@@ -241,11 +241,11 @@ class LocalLLMJudge:
         return probs
 
     def judge(self, instructions, outputs, references):
-        forward = [self._prompt(i, r, o) for i, o, r in zip(instructions, outputs, references)]  # ours = M
-        swapped = [self._prompt(i, o, r) for i, o, r in zip(instructions, outputs, references)]  # ours = m
+        forward = [self._prompt(i, r, o) for i, o, r in zip(instructions, outputs, references, strict=False)]  # ours = M
+        swapped = [self._prompt(i, o, r) for i, o, r in zip(instructions, outputs, references, strict=False)]  # ours = m
         p_fwd = self.label_probabilities(forward)
         p_swp = self.label_probabilities(swapped)
-        return [1.0 + 0.5 * (a + (1.0 - b)) for a, b in zip(p_fwd, p_swp)]
+        return [1.0 + 0.5 * (a + (1.0 - b)) for a, b in zip(p_fwd, p_swp, strict=False)]
 
 
 @register_judge("trained")
@@ -270,7 +270,7 @@ class AlpacaEvalAPIJudge:  # pragma: no cover - needs an API key and the network
     def judge(self, instructions, outputs, references):
         pairs = [
             {"instruction": i, "output_1": r, "output_2": o, "generator_1": "reference", "generator_2": "model"}
-            for i, o, r in zip(instructions, outputs, references)
+            for i, o, r in zip(instructions, outputs, references, strict=False)
         ]
         annotated = self.annotator.annotate_pairs(pairs)
         prefs = []

@@ -133,7 +133,7 @@ def plot_win_rates(points: dict[str, list[tuple[float, float]]], path, *, xlabel
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, series in points.items():
-        xs, ys = zip(*sorted(series)) if series else ((), ())
+        xs, ys = zip(*sorted(series), strict=False) if series else ((), ())
         err = (errors or {}).get(name)
         if err:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)

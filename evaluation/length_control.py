@@ -129,7 +129,7 @@ def instruction_difficulty(
         if len(pairs) < 2:
             continue
         feat = tanh_std_delta_len([len(references[i]) for i, _, _ in pairs], [len(o) for _, _, o in pairs])
-        for (i, p, _), f in zip(pairs, feat):
+        for (i, p, _), f in zip(pairs, feat, strict=False):
             rows += [r, r]
             cols += [mi, n_models + mi]
             vals += [1.0, f]

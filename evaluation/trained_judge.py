@@ -73,7 +73,7 @@ class Embedder:
         todo = list({keys[n]: n for n in reversed(todo)}.values())  # one row per distinct text
         if todo:
             new = self._embed([texts[n] for n in todo])
-            fresh = {keys[n]: v for n, v in zip(todo, new)}
+            fresh = {keys[n]: v for n, v in zip(todo, new, strict=False)}
             if self.cache_dir:
                 with self._db() as db:
                     db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
@@ -108,7 +108,7 @@ def _answer_features(embedder: Embedder | None, instructions, answers) -> np.nda
     loglen = np.log1p([len(a) for a in answers])[:, None]
     if embedder is None:
         return loglen
-    emb = embedder.encode([f"{q}\n\n{a}" for q, a in zip(instructions, answers)])
+    emb = embedder.encode([f"{q}\n\n{a}" for q, a in zip(instructions, answers, strict=False)])
     return np.hstack([emb, loglen])
 
 
@@ -147,8 +147,8 @@ def _choose_C(diff: np.ndarray, y: np.ndarray, models: Sequence, instructions: S
     if len(m_names) < 2 or len(i_names) < 2:
         return 1.0
     rng = np.random.default_rng(0)
-    m_fold = dict(zip(m_names, rng.permutation(len(m_names)) % n_splits))
-    i_fold = dict(zip(i_names, rng.permutation(len(i_names)) % n_splits))
+    m_fold = dict(zip(m_names, rng.permutation(len(m_names)) % n_splits, strict=False))
+    i_fold = dict(zip(i_names, rng.permutation(len(i_names)) % n_splits, strict=False))
     fm, fi = np.array([m_fold[m] for m in models]), np.array([i_fold[i] for i in instructions])
     losses = []
     for C in grid:

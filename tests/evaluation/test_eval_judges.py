@@ -107,7 +107,7 @@ def test_local_llm_judge_is_order_balanced():
     a = judge.judge(INSTR[:3], OUTS[:3], REFS[:3])
     b = judge.judge(INSTR[:3], REFS[:3], OUTS[:3])  # the same pairs, sides exchanged
     assert all(1 <= p <= 2 for p in a)
-    for x, y in zip(a, b):  # both orders are averaged: exchanging the answers mirrors the preference
+    for x, y in zip(a, b, strict=False):  # both orders are averaged: exchanging the answers mirrors the preference
         assert x + y == pytest.approx(3.0, abs=1e-5)
     assert judge.identity.startswith("llm:tiny-llama:")
 

@@ -46,7 +46,7 @@ def test_length_only_judge_is_antisymmetric_and_survives_save_and_load(tmp_path)
     rng = np.random.default_rng(0)
     refs = ["r" * int(n) for n in rng.integers(50, 500, 200)]
     outs = ["o" * int(n) for n in rng.integers(50, 500, 200)]
-    prefs = [1 + 1 / (1 + np.exp(-np.log((len(o) + 1) / (len(r) + 1)) * 2)) for o, r in zip(outs, refs)]
+    prefs = [1 + 1 / (1 + np.exp(-np.log((len(o) + 1) / (len(r) + 1)) * 2)) for o, r in zip(outs, refs, strict=False)]
     judge = TrainedJudge.fit(["q"] * 200, outs, refs, prefs, backbone=None, C=1.0)
     assert judge.coef[-1] > 0  # longer answers preferred, as in the labels
     p = judge.probability(["q"] * 200, outs, refs)
