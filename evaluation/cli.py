@@ -62,6 +62,9 @@ def add_eval_commands(subparsers) -> None:
     p = subparsers.add_parser("judge", help="judge one model's AlpacaEval-format outputs against the references")
     p.add_argument("--eval-set", required=True)
     p.add_argument("--outputs", required=True, help="AlpacaEval JSON/JSONL: {instruction, output, generator}")
+    p.add_argument("--references", default=None,
+                   help="AlpacaEval JSON/JSONL outputs of the reference generator (e.g. the base policy); "
+                        "required for eval sets without references such as 'builtin'")
     p.add_argument("--judge", default="length", help="registered judge name (length, reward, llm, trained, alpaca_eval)")
     p.add_argument("--judge-arg", action="append", default=[], help="judge keyword argument k=v (repeatable)")
     p.add_argument("--cache", default=None, help="SQLite judgement cache (default $SPI_CACHE_DIR/judgements.sqlite)")
@@ -147,7 +150,14 @@ def cmd_judge(args) -> int:
     outputs = {i: o for i, o in outputs.items() if i in chosen}
     judge = make_judge(args.judge, **_parse_kwargs(args.judge_arg))
     cache_path = args.cache or Path(os.environ.get("SPI_CACHE_DIR") or Path.home() / ".cache" / "spi") / "judgements.sqlite"
+    if args.references:
+        refs = read_model_outputs(args.references, eval_set)
+        eval_set = [{**e, "reference_output": refs[e["index"]]["output"],
+                     "reference_generator": refs[e["index"]]["generator"]} for e in eval_set if e["index"] in refs]
     rows = [e for e in eval_set if e["index"] in outputs]
+    missing = [e["index"] for e in rows if not e["reference_output"]]
+    if missing:
+        raise SystemExit(f"no reference output for instructions {missing[:5]}...: pass --references")
     prefs = judge_pairs(judge, [e["instruction"] for e in rows], [outputs[e["index"]]["output"] for e in rows],
                         [e["reference_output"] for e in rows], cache=JudgementCache(cache_path))
     if args.out:

@@ -134,3 +134,20 @@ def test_bad_eval_set_rows(tmp_path):
     path.write_text('{"instruction": "a", "reference_output": "r"}\nnot json\n')
     with pytest.raises(DataError, match=r"es\.jsonl, row 2: invalid JSON"):
         load_eval_set(path)
+
+
+def test_judge_command_on_the_builtin_set(tmp_path, capsys):
+    from evaluation.cli import main
+
+    es = load_eval_set("builtin")
+    write_model_outputs(tmp_path / "base.json", es, ["short"] * len(es), generator="base")
+    write_model_outputs(tmp_path / "mine.json", es, ["a much longer answer"] * len(es), generator="mine")
+    argv = ["judge", "--eval-set", "builtin", "--outputs", str(tmp_path / "mine.json"), "--references",
+            str(tmp_path / "base.json"), "--judge", "length", "--cache", str(tmp_path / "c.sqlite"),
+            "--out", str(tmp_path / "prefs.jsonl"), "--n", "12", "--stratify"]
+    assert main(argv) == 0
+    prefs = read_indexed(tmp_path / "prefs.jsonl", "preference", es)
+    assert len(prefs) == 12 and all(p > 1.5 for p in prefs.values())
+    assert "win rate" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--references"):
+        main(argv[:5] + argv[7:])
