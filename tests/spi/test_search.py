@@ -1,0 +1,114 @@
+"""Equivalences of the one search routine, in float32 on a random tiny Llama."""
+
+from dataclasses import replace
+
+import torch
+
+from spi.compute import Compute
+from spi.guides import HeadValueGuide, WeightedGuide
+from spi.incremental import IncrementalModel
+from spi.prompts import chat_prompt_ids
+from spi.sampling import row_uniforms, sample_tokens
+from spi.search import SearchSettings, search
+from spi.value import new_value_model
+
+SETTINGS = SearchSettings(temperature=1.0, top_k=0, top_p=0.95, max_new_tokens=12, batch_prompts=8)
+
+
+def _random_head_guide(tiny, seed=0):
+    value = new_value_model("policy-head", tiny.model, tiny.name)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(value.head.weight)
+    return WeightedGuide([(HeadValueGuide(value), 1.0)])
+
+
+def _reference_sampling(tiny, instruction, seed, rows, settings):
+    """Plain sampling without a KV cache: the full sequence is recomputed for every token."""
+    uniforms = row_uniforms(seed, rows, settings.max_new_tokens)
+    prompt = chat_prompt_ids(tiny.tokenizer, instruction)
+    out = []
+    for row in range(rows):
+        ids = list(prompt)
+        for t in range(settings.max_new_tokens):
+            with torch.no_grad():
+                logits = tiny.model(torch.tensor([ids])).logits[:, -1].float()
+            token = int(sample_tokens(logits, uniforms[row:row + 1, t], settings.temperature, settings.top_k, settings.top_p))
+            ids.append(token)
+            if token in tiny.eos_ids:
+                break
+        response = ids[len(prompt):]
+        out.append(response[:-1] if response and response[-1] in tiny.eos_ids else response)
+    return out
+
+
+def test_plain_sampling_equals_uncached_reference(tiny, instructions):
+    settings = replace(SETTINGS, width=1, successors=3)
+    result = search(tiny, instructions[:2], [11, 12], settings, progress=False).results
+    for r, instruction, seed in zip(result, instructions[:2], [11, 12], strict=True):
+        assert r.response_ids == _reference_sampling(tiny, instruction, seed, 3, settings)
+
+
+def test_best_of_n_setting_equals_sampling_sample_for_sample(tiny, instructions):
+    """(W=1, K=N, L=None) with a guide is Best-of-N: the guide only picks, it never changes a sample."""
+    n = 4
+    bon = replace(SETTINGS, width=1, successors=n, chunk_length=None, final_pick="value")
+    plain = replace(SETTINGS, width=1, successors=n)
+    guided = search(tiny, instructions[:3], [1, 2, 3], bon, guide=_random_head_guide(tiny), progress=False)
+    sampled = search(tiny, instructions[:3], [1, 2, 3], plain, progress=False)
+    for g, s in zip(guided.results, sampled.results, strict=True):
+        assert g.response_ids == s.response_ids
+        assert g.chosen == max(range(n), key=lambda i: (g.leaf_values[i], -i))
+
+
+def test_single_row_equals_plain_sampling(tiny, instructions):
+    one = replace(SETTINGS, width=1, successors=1, chunk_length=4)
+    guided = search(tiny, instructions[:2], [5, 6], one, guide=_random_head_guide(tiny), progress=False)
+    plain = search(tiny, instructions[:2], [5, 6], replace(SETTINGS, width=1, successors=1), progress=False)
+    assert [r.response_ids for r in guided.results] == [r.response_ids for r in plain.results]
+
+
+def test_batch_composition_does_not_change_results(smollm2, instructions):
+    """One prompt alone gives the same leaves as the same prompt in a batch of eight (float32).
+
+    Runs on the real policy: a random tiny model's near-uniform next-token distributions make
+    float32 rounding differences between batch shapes (about 1e-5 in the logits) flip samples."""
+    settings = SearchSettings(width=2, successors=2, chunk_length=4, temperature=0.6, top_k=50, top_p=0.9,
+                              max_new_tokens=12, batch_prompts=8)
+    seeds = list(range(100, 108))
+    together = search(smollm2, instructions, seeds, settings, guide=_random_head_guide(smollm2), progress=False)
+    for i in (0, 3, 7):
+        alone = search(smollm2, instructions[i:i + 1], seeds[i:i + 1], replace(settings, batch_prompts=1),
+                       guide=_random_head_guide(smollm2), progress=False)
+        assert alone.results[0].response_ids == together.results[i].response_ids
+        assert alone.results[0].chosen == together.results[i].chosen
+
+
+def test_guided_search_selects_by_value(tiny, instructions):
+    """With a value that prefers long responses, CBS keeps beams that are longer than plain sampling's."""
+    settings = replace(SETTINGS, width=1, successors=4, chunk_length=2, max_new_tokens=10, top_p=1.0)
+    guide = _random_head_guide(tiny, seed=3)
+    result = search(tiny, instructions[:4], [7, 8, 9, 10], settings, guide=guide, progress=False)
+    assert all(r.boundaries > 0 for r in result.results)
+    assert sum(r.beam_changes for r in result.results) > 0
+    assert result.compute.value_calls > 0 and result.compute.generated_tokens > 0
+
+
+def test_cache_reorder_matches_recompute(tiny, instructions):
+    prompts = [chat_prompt_ids(tiny.tokenizer, x) for x in instructions[:2]]
+    model = IncrementalModel(tiny.model, Compute(), "policy_tokens", "policy_forward")
+    with torch.no_grad():
+        model.prefill(prompts, 3, tiny.tokenizer.pad_token_id)
+        sequences = [list(prompts[i // 3]) for i in range(6)]
+        for step in range(3):
+            tokens = torch.tensor([[100 + 7 * i + step] for i in range(6)])
+            model.feed(tokens, torch.ones_like(tokens, dtype=torch.bool))
+            for i in range(6):
+                sequences[i].append(int(tokens[i, 0]))
+        index = torch.tensor([5, 0, 2, 2, 1, 4])
+        model.reorder(index)
+        sequences = [list(sequences[i]) for i in index.tolist()]
+        last = torch.tensor([[300 + i] for i in range(6)])
+        logits = model.logits(model.feed(last, torch.ones_like(last, dtype=torch.bool))[:, -1])
+        for i in range(6):
+            full = tiny.model(torch.tensor([sequences[i] + [300 + i]])).logits[0, -1].float()
+            torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=1e-4)
