@@ -81,6 +81,9 @@ def test_second_up_refuses(stack, tmp_path):
     assert not (tmp_path / "services.json").exists()
 
 
+RUNNER_SETTLE_S = 25.0  # seconds after its start before the serving process is stopped
+
+
 def _scheduled(api: str) -> dict[str, dict]:
     """{deployment name: deployment} for every deployment with a cron schedule."""
     return {d["name"]: d for d in S.prefect_deployments(api) if any(s.get("cron") for s in d["schedules"])}
@@ -96,6 +99,10 @@ def _restart_serve(stack, while_down=None) -> None:
     """Stop the serving process as `spi down` does (SIGTERM to its group), call while_down(), start it
     again as `spi up` does."""
     record = stack.state["services"]["serve"]
+    # The runner's health endpoint answers a moment before the runner counts as started, and a runner
+    # stopped before that exits without its shutdown hooks (Prefect's default one pauses every served
+    # deployment): give it time to start, so that this test sees what a restart in production does.
+    time.sleep(max(0.0, RUNNER_SETTLE_S - (time.time() - record["started_at"])))
     assert S.stop(record, timeout=30) == "stopped"
     assert not S.is_alive(record)
     if while_down is not None:
