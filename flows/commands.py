@@ -131,6 +131,10 @@ def cmd_promote(args) -> int:
     from mlflow_store.tracking import default_tracking_uri
 
     errors = _bad_input_errors()
+    if not args.tracking_uri and not (Path(args.workdir) / "mlflow.db").is_file():
+        return _error(LookupError(f"no registered model named '{args.registered_model}': "
+                                  f"{Path(args.workdir).resolve() / 'mlflow.db'} does not exist "
+                                  "(no experiment has run in this work directory; pass --workdir or --tracking-uri)"))
     uri = args.tracking_uri or default_tracking_uri(args.workdir)
     try:
         from mlflow_store.registry import get_version

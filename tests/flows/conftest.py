@@ -1,0 +1,56 @@
+"""Fixtures of the flow tests: ONE Prefect test harness for the session, tiny models, one thread.
+
+``experiment`` runs ``spi run tests/flows/tiny.yaml`` once per session (two iterations, one
+baseline, length judge); most tests read what it left behind.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY = Path(__file__).parent / "tiny.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness():
+    """One temporary Prefect API + database for every flow test; yields its URL."""
+    import torch
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    torch.set_num_threads(1)
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def run_cli(*argv: str) -> int:
+    from flows.commands import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory):
+    """``spi run tiny.yaml`` in a fresh work directory: (workdir, summary JSON, full summary)."""
+    workdir = tmp_path_factory.mktemp("experiment")
+    summary_file = workdir / "summary.json"
+    assert run_cli("run", TINY, "--workdir", workdir, "--summary-json", summary_file) == 0
+    summary = json.loads(summary_file.read_text())
+    full = json.loads(next((workdir / "tiny").glob("summary-*.json")).read_text())
+    return workdir, summary, full
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,193 @@
+"""The experiment flow end to end on tiny models: MLflow runs, registry, store rows, summary,
+caching (rerun and a changed setting) and promotion through the flow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.flows.conftest import TINY, run_cli
+
+NAME = "tiny-value"
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_summary_json(experiment):
+    workdir, summary, _ = experiment
+    assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    assert set(summary["systems"]) == {"base-sampled", "spi-1", "spi-2"}
+    assert summary["systems"]["base-sampled"]["iteration"] is None
+    assert summary["systems"]["spi-2"]["iteration"] == 2
+    for row in summary["systems"].values():
+        assert set(row) == {"iteration", "mean_reward", "win_rate", "length_controlled_winrate", "policy_tokens"}
+        assert 0.0 <= row["win_rate"] <= 100.0
+        assert row["policy_tokens"] > 0
+    # spi-k searches W*K rows: it runs more policy tokens than plain sampling
+    assert summary["systems"]["spi-1"]["policy_tokens"] > summary["systems"]["base-sampled"]["policy_tokens"]
+    # the judge is not the reward model, and both are named
+    assert summary["judge"].startswith("length") and summary["reward_model"].startswith("hf-classifier:tiny-reward")
+    assert all(state == "computed" for state in summary["stages"].values())
+    assert {"iteration-1/rollouts", "iteration-2/value", "eval/references", "eval/judge-spi-2"} <= set(summary["stages"])
+
+
+def test_mlflow_runs_metrics_and_artifacts(experiment):
+    from mlflow_store import tracking
+
+    _, summary, _ = experiment
+    uri, run_id = summary["tracking_uri"], summary["experiment_run_id"]
+    client = tracking.client_for(uri)
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_ROLE] == "experiment"
+    assert parent.data.params["search.width"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "spi_win_rate")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run_id, "report")} >= {"report/" + Path(summary["report"]).name}
+
+    children = {(c["system"], c["iteration"]): c for c in tracking.child_runs(uri, run_id)}
+    assert set(children) == {("base-sampled", 0), ("spi", 1), ("spi", 2)}
+    spi1 = children[("spi", 1)]
+    for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "mean_reward", "policy_tokens",
+                "rollout_reward_mean", "rollout_reward_best_mean", "value_final_loss", "value_holdout_mse",
+                "seconds_rollouts", "seconds_labels", "seconds_value", "seconds_decode"):
+        assert key in spi1["metrics"], key
+    assert spi1["metrics"]["win_rate_ci_low"] <= spi1["metrics"]["win_rate"] <= spi1["metrics"]["win_rate_ci_high"]
+    assert spi1["metrics"]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
+    names = {a.path for a in client.list_artifacts(spi1["run_id"])}
+    assert {"generations", "judge_annotations", "rollouts", "labels", "value_model"} <= names
+    assert "rollouts" not in {a.path for a in client.list_artifacts(children[("base-sampled", 0)]["run_id"])}
+    run = client.get_run(spi1["run_id"])
+    assert run.data.tags["spi.judge"] == summary["judge"] and run.data.tags["spi.reward_model"] == summary["reward_model"]
+
+
+def test_value_models_registered_and_round_trip(experiment, tmp_path):
+    from mlflow_store.registry import get_version, load_registered_value_model
+    from spi.models import CausalLM
+    from spi.value import load_value_model
+
+    workdir, summary, full = experiment
+    uri = summary["tracking_uri"]
+    assert get_version(uri, NAME, "candidate").version == 2
+    champion = get_version(uri, NAME, "champion")
+    # version 1 became champion (no champion yet); version 2 replaced it iff spi-2 beat spi-1 (margin 0)
+    rates = {k: summary["systems"][f"spi-{k}"]["win_rate"] for k in (1, 2)}
+    assert champion.version == (2 if rates[2] > rates[1] else 1)
+    assert float(champion.tags["win_rate"]) == pytest.approx(rates[champion.version])
+    assert float(get_version(uri, NAME, 1).tags["win_rate"]) == pytest.approx(rates[1])
+    assert "spi.promotion" in get_version(uri, NAME, 2).tags
+
+    folder = load_registered_value_model(NAME, "champion", uri, tmp_path / "dl")
+    original = next(p for p in (workdir / "tiny" / f"iteration-{champion.version}").glob("value-*") if p.is_dir())
+    policy = CausalLM.load("tiny-llama")
+    sequences = [[1, 5, 9, 200, 17], [3, 4], [100, 101, 102, 103, 104, 105, 106]]
+    pad = policy.tokenizer.pad_token_id
+    with torch.no_grad():
+        before = load_value_model(original).score_sequences(sequences, pad, policy.model)
+        after = load_value_model(folder).score_sequences(sequences, pad, policy.model)
+    assert torch.equal(before, after)
+    assert before.abs().sum() > 0  # a fitted head, not the zero initialisation
+
+
+def test_store_rows(experiment):
+    from mlflow_store.store import Store
+
+    _, summary, full = experiment
+    store = Store(full["store_url"])
+    try:
+        # 2 iterations x 4 prompts x (W*K = 4) leaves, each with a reward
+        assert store.count("rollouts") == 32
+        assert store.count("rewards", reward_model=full["reward_model"]) == 32
+        assert store.count("generations") == 3 * 6
+        assert store.count("judgements", judge=full["judge"]) >= 6
+        rows = {(r["system"], r["iteration"]): r for r in store.compare_runs(judge=full["judge"])}
+        assert set(rows) == {("base-sampled", 0), ("spi-1", 1), ("spi-2", 2)}
+        assert rows[("spi-1", 1)]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
+    finally:
+        store.close()
+
+
+def test_prefect_artifacts(experiment):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+            "tiny-iterations", "tiny-comparison", "tiny-report"])))
+    kinds = {a.key: a.type for a in arts}
+    assert kinds == {"tiny-iterations": "table", "tiny-comparison": "table", "tiny-report": "markdown"}
+
+
+def test_rerun_is_cached_and_resumes_the_same_parent_run(experiment, tmp_path):
+    from mlflow_store import tracking
+
+    workdir, summary, _ = experiment
+    before = _mtimes(workdir / "tiny")
+    out = tmp_path / "again.json"
+    assert run_cli("run", TINY, "--workdir", workdir, "--summary-json", out) == 0
+    again = json.loads(out.read_text())
+    assert set(again["stages"].values()) == {"cached"}
+    assert again["experiment_run_id"] == summary["experiment_run_id"]
+    assert again["systems"] == summary["systems"]
+    after = _mtimes(workdir / "tiny")
+    assert {k: v for k, v in after.items() if k in before and not k.startswith(("report-", "summary-"))} == \
+        {k: v for k, v in before.items() if not k.startswith(("report-", "summary-"))}
+    client = tracking.client_for(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`spi.role` = 'experiment'")
+    assert len(parents) == 1
+    assert len(tracking.child_runs(summary["tracking_uri"], summary["experiment_run_id"])) == 3
+
+
+def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path):
+    workdir, summary, _ = experiment
+    before = _mtimes(workdir / "tiny")
+    out = tmp_path / "epochs.json"
+    assert run_cli("run", TINY, "--workdir", workdir, "--set", "value.epochs=4", "--summary-json", out) == 0
+    stages = json.loads(out.read_text())["stages"]
+    assert stages["iteration-1/rollouts"] == "cached" and stages["iteration-1/labels"] == "cached"
+    for stage in ("iteration-1/value", "iteration-2/rollouts", "iteration-2/labels", "iteration-2/value",
+                  "eval/decode-spi-1", "eval/decode-spi-2", "eval/judge-spi-1", "eval/judge-spi-2"):
+        assert stages[stage] == "computed", stage
+    for stage in ("eval/eval-set", "eval/decode-base-greedy", "eval/references", "eval/decode-base-sampled",
+                  "eval/judge-base-sampled"):
+        assert stages[stage] == "cached", stage
+    after = _mtimes(workdir / "tiny")
+    assert all(after[k] == v for k, v in before.items() if k.startswith(("iteration-1/rollouts", "eval/base-")))
+    # a different recipe digest is a new parent run in the same experiment
+    assert json.loads(out.read_text())["experiment_run_id"] != summary["experiment_run_id"]
+
+
+def test_promotion_through_the_flow_with_and_without_margin(experiment, tmp_path, capsys):
+    from mlflow_store import tracking
+    from mlflow_store.registry import get_version, register_value_model
+
+    workdir, summary, _ = experiment
+    uri = summary["tracking_uri"]
+    champion = get_version(uri, NAME, "champion")
+    champ_rate = float(champion.tags["win_rate"])
+    # a new candidate 5 points better than the champion (same folder, a run of its own)
+    run_id = tracking.start_experiment_run(uri, "tiny-promotion", {}, "promotion-test", "test")
+    folder = load_champion_folder(uri, tmp_path)
+    version = register_value_model(uri, NAME, run_id, folder, {"win_rate": champ_rate + 5.0})
+    assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "10") == 0
+    assert "not promoted" in capsys.readouterr().out
+    assert get_version(uri, NAME, "champion").version == champion.version
+    assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "1") == 0
+    assert "promoted" in capsys.readouterr().out
+    assert str(get_version(uri, NAME, "champion").version) == str(version)
+
+
+def test_promote_unknown_name_in_an_existing_registry(experiment, capsys):
+    workdir, _, _ = experiment
+    assert run_cli("promote", "tiny-valeu", "--workdir", workdir) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "tiny-valeu" in err and "tiny-value" in err  # names what exists
+
+
+def load_champion_folder(uri, tmp_path):
+    from mlflow_store.registry import load_registered_value_model
+
+    return load_registered_value_model(NAME, "champion", uri, tmp_path / "champ")
