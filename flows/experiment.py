@@ -399,7 +399,16 @@ def _round(v):
 # --------------------------------------------------------------------------- evaluation, judge, promotion
 
 
-@flow(name="evaluate-value-model", flow_run_name="evaluate-{registered_model}-{alias}", persist_result=False)
+def _evaluate_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    if p.get("outputs"):
+        return f"evaluate-{Path(str(p['outputs'])).stem}"
+    return f"evaluate-{p.get('registered_model') or Path(str(p.get('recipe', 'spi'))).stem + '-value'}-{p.get('alias')}"
+
+
+@flow(name="evaluate-value-model", flow_run_name=_evaluate_run_name, persist_result=False)
 def evaluate_value_model(recipe: str = "smoke", overrides: dict | None = None, workdir: str | None = None,
                          registered_model: str | None = None, alias: str = "champion",
                          outputs: str | None = None, allow_reward_judge: bool = False) -> dict:
@@ -435,7 +444,7 @@ def evaluate_value_model(recipe: str = "smoke", overrides: dict | None = None, w
         system = "spi-1"
         decoded = _decode(ctx, system, [str(folder)], references)
         label = f"{alias}-v{version}"
-    judgement = _judge(ctx, label if outputs else f"{label}", references, decoded, allow_reward_judge)
+    judgement = _judge(ctx, label, references, decoded, allow_reward_judge)
     row = system_row(label, None, decoded, judgement)
     run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest) or tracking.start_experiment_run(
         ctx.tracking_uri, ctx.experiment, ctx.data, r.digest, tracking.code_version())
@@ -454,7 +463,7 @@ def evaluate_value_model(recipe: str = "smoke", overrides: dict | None = None, w
 
 
 @flow(name="fit-local-judge", persist_result=False)
-def fit_local_judge(name: str = "minilm-bt", data_dir: str | None = None, n_instructions: int | None = 200,
+def fit_local_judge(name: str = "minilm-bt", data_dir: str | None = None, n_instructions: int | None = 100,
                     backbone: str = "minilm-l6", out: str | None = None, refit: bool = False) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``reward-model:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""

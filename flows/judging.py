@@ -25,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger("flows.judging")
 
 DEFAULT_LOCAL_JUDGE = "minilm-bt"
-LOCAL_JUDGE_INSTRUCTIONS = 200  # instructions of the AlpacaEval data the auto-trained judge sees
+LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained judge sees
 
 
 class JudgeSpecError(ValueError):

@@ -41,9 +41,29 @@ def run_cli(*argv: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def experiment(tmp_path_factory):
+def mlflow_db_template(tmp_path_factory):
+    """An empty MLflow SQLite database (its schema migrations take ~20 s here), made once."""
+    from mlflow_store.tracking import client_for, default_tracking_uri
+
+    uri = default_tracking_uri(tmp_path_factory.mktemp("mlflow_template"))
+    client_for(uri)
+    return Path(uri[len("sqlite:///"):])
+
+
+@pytest.fixture
+def new_workdir(tmp_path, mlflow_db_template):
+    """A work directory holding a copy of the empty MLflow database."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copyfile(mlflow_db_template, workdir / "mlflow.db")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory, mlflow_db_template):
     """``spi run tiny.yaml`` in a fresh work directory: (workdir, summary JSON, full summary)."""
     workdir = tmp_path_factory.mktemp("experiment")
+    shutil.copyfile(mlflow_db_template, workdir / "mlflow.db")
     summary_file = workdir / "summary.json"
     assert run_cli("run", TINY, "--workdir", workdir, "--summary-json", summary_file) == 0
     summary = json.loads(summary_file.read_text())

@@ -191,3 +191,28 @@ def load_champion_folder(uri, tmp_path):
     from mlflow_store.registry import load_registered_value_model
 
     return load_registered_value_model(NAME, "champion", uri, tmp_path / "champ")
+
+
+def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp_path):
+    from flows.experiment import evaluate_value_model
+    from mlflow_store.registry import get_version
+
+    workdir, summary, full = experiment
+    uri = summary["tracking_uri"]
+    champion = get_version(uri, NAME, "champion")
+    result = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), alias="champion")
+    assert result["version"] == str(champion.version)
+    # the champion decodes as spi-1 guided by that one value model; V_1 alone is exactly spi-1
+    if champion.version == 1:
+        assert result["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
+    tags = get_version(uri, NAME, champion.version).tags
+    assert float(tags["eval_win_rate"]) == pytest.approx(result["win_rate"])
+
+    # a file of outputs (AlpacaEval format) scores exactly as the same outputs did inside the experiment
+    path = next(p for p in (workdir / "tiny" / "eval").glob("base-sampled-*.json") if p.name.count(".") == 1)
+    decoded = json.loads(path.read_text())
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps([{k: o[k] for k in ("instruction", "output", "generator")} for o in decoded["outputs"]]))
+    scored = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), outputs=str(outputs))
+    assert scored["win_rate"] == pytest.approx(summary["systems"]["base-sampled"]["win_rate"])
+    assert scored["version"] is None

@@ -18,8 +18,8 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_kill_mid_run_then_resume(prefect_harness, tmp_path, capsys):
-    workdir = tmp_path / "work"
+def test_kill_mid_run_then_resume(prefect_harness, new_workdir, tmp_path, capsys):
+    workdir = new_workdir
     env = {**os.environ, "PREFECT_API_URL": prefect_harness, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.commands", "run", str(TINY), "--workdir", str(workdir)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
