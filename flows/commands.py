@@ -24,20 +24,41 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run an SPI experiment (iterations, baselines, judging, tracking)",
-                              description="Run an SPI experiment flow in this process.")
+    p = subparsers.add_parser(
+        "run",
+        help="run an SPI experiment (iterations, baselines, judging, tracking)",
+        description="Run an SPI experiment flow in this process.",
+    )
     p.add_argument("recipe", help="built-in recipe name (smoke, paper) or a recipe YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a recipe field (value parsed as YAML); repeatable")
-    p.add_argument("--workdir", default=None, help="root for stage files, MLflow and the store (default: execution.workdir)")
-    p.add_argument("--summary-json", default=None, metavar="FILE", help="write a JSON summary of the run here")
-    p.add_argument("--allow-reward-judge", action="store_true",
-                   help="allow judging with the reward model the experiment trained on (reported as such)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field (value parsed as YAML); repeatable",
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="root for stage files, MLflow and the store (default: execution.workdir)",
+    )
+    p.add_argument(
+        "--summary-json", default=None, metavar="FILE", help="write a JSON summary of the run here"
+    )
+    p.add_argument(
+        "--allow-reward-judge",
+        action="store_true",
+        help="allow judging with the reward model the experiment trained on (reported as such)",
+    )
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("promote", help="promote a registered value model's candidate to champion",
-                              description="Move alias champion to the candidate version when it beats the "
-                                          "champion by more than the margin.")
+    p = subparsers.add_parser(
+        "promote",
+        help="promote a registered value model's candidate to champion",
+        description="Move alias champion to the candidate version when it beats the "
+        "champion by more than the margin.",
+    )
     p.add_argument("registered_model", help="registered model name, e.g. smoke-value")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workdir", default="runs", help="work directory whose mlflow.db holds the registry")
@@ -57,8 +78,17 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from mlflow_store.tracking import TrackingURIError
     from spi.config import RecipeError
 
-    return (RecipeError, TrackingURIError, StoreError, RegistryError, StageError, JudgeSpecError, DataError,
-            FileNotFoundError, ValueError)
+    return (
+        RecipeError,
+        TrackingURIError,
+        StoreError,
+        RegistryError,
+        StageError,
+        JudgeSpecError,
+        DataError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def _error(err: BaseException) -> int:
@@ -90,20 +120,41 @@ def cmd_run(args) -> int:
     print(f"  MLflow {ctx.tracking_uri} (experiment {ctx.experiment}), store {ctx.store_url}")
     started = time.perf_counter()
     try:
-        summary = spi_experiment(recipe=args.recipe, overrides=overrides or None,
-                                 workdir=str(ctx.root), allow_reward_judge=args.allow_reward_judge)
+        summary = spi_experiment(
+            recipe=args.recipe,
+            overrides=overrides or None,
+            workdir=str(ctx.root),
+            allow_reward_judge=args.allow_reward_judge,
+        )
     except errors as err:
         print("finished stages are kept; rerun the same command to resume", file=sys.stderr)
         return _error(err)
     seconds = time.perf_counter() - started
     if args.summary_json:
-        out = {"tracking_uri": summary["tracking_uri"], "experiment_run_id": summary["experiment_run_id"],
-               "store_url": summary["store_url"], "judge": summary["judge"], "reward_model": summary["reward_model"],
-               "registered_model": summary["registered_model"], "report": summary["report"], "seconds": seconds,
-               "stages": summary["stages"],
-               "systems": {name: {k: row.get(k) for k in ("iteration", "mean_reward", "win_rate",
-                                                           "length_controlled_winrate", "policy_tokens")}
-                           for name, row in summary["systems"].items()}}
+        out = {
+            "tracking_uri": summary["tracking_uri"],
+            "experiment_run_id": summary["experiment_run_id"],
+            "store_url": summary["store_url"],
+            "judge": summary["judge"],
+            "reward_model": summary["reward_model"],
+            "registered_model": summary["registered_model"],
+            "report": summary["report"],
+            "seconds": seconds,
+            "stages": summary["stages"],
+            "systems": {
+                name: {
+                    k: row.get(k)
+                    for k in (
+                        "iteration",
+                        "mean_reward",
+                        "win_rate",
+                        "length_controlled_winrate",
+                        "policy_tokens",
+                    )
+                }
+                for name, row in summary["systems"].items()
+            },
+        }
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(out, indent=1))
     counts = {}
@@ -112,13 +163,17 @@ def cmd_run(args) -> int:
     print()
     print(f"done in {seconds:.0f} s; stages: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     print(f"  stage files   {ctx.dir}")
-    print(f"  MLflow        {summary['tracking_uri']}  experiment '{summary['experiment']}', "
-          f"run {summary['experiment_run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})")
+    print(
+        f"  MLflow        {summary['tracking_uri']}  experiment '{summary['experiment']}', "
+        f"run {summary['experiment_run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})"
+    )
     print(f"  store         {summary['store_url']}")
     if summary["registered_model"]:
         champion = [p for p in summary["promotions"] if p["promoted"]]
-        print(f"  registry      models:/{summary['registered_model']}@candidate"
-              + (f", champion = version {champion[-1]['candidate_version']}" if champion else ""))
+        print(
+            f"  registry      models:/{summary['registered_model']}@candidate"
+            + (f", champion = version {champion[-1]['candidate_version']}" if champion else "")
+        )
     print(f"  report        {summary['report']}")
     if args.summary_json:
         print(f"  summary       {args.summary_json}")
@@ -132,9 +187,13 @@ def cmd_promote(args) -> int:
 
     errors = _bad_input_errors()
     if not args.tracking_uri and not (Path(args.workdir) / "mlflow.db").is_file():
-        return _error(LookupError(f"no registered model named '{args.registered_model}': "
-                                  f"{Path(args.workdir).resolve() / 'mlflow.db'} does not exist "
-                                  "(no experiment has run in this work directory; pass --workdir or --tracking-uri)"))
+        return _error(
+            LookupError(
+                f"no registered model named '{args.registered_model}': "
+                f"{Path(args.workdir).resolve() / 'mlflow.db'} does not exist "
+                "(no experiment has run in this work directory; pass --workdir or --tracking-uri)"
+            )
+        )
     uri = args.tracking_uri or default_tracking_uri(args.workdir)
     try:
         from mlflow_store.registry import get_version
@@ -142,12 +201,19 @@ def cmd_promote(args) -> int:
         get_version(uri, args.registered_model, "candidate")  # clear error before a flow run starts
         from flows.experiment import promote_value_model
 
-        decision = promote_value_model(registered_model=args.registered_model, tracking_uri=uri,
-                                       margin=args.margin, metric=args.metric, use_stages=args.stages)
+        decision = promote_value_model(
+            registered_model=args.registered_model,
+            tracking_uri=uri,
+            margin=args.margin,
+            metric=args.metric,
+            use_stages=args.stages,
+        )
     except errors as err:
         return _error(err)
     verb = "promoted" if decision["promoted"] else "not promoted"
-    print(f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}")
+    print(
+        f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}"
+    )
     return 0
 
 

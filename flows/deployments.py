@@ -1,9 +1,9 @@
 """Deployable flows for a Prefect server (served by ``spi up`` through :func:`deployments`).
 
-    spi-experiment/spi-experiment          run an experiment (recipe + overrides from the UI form)
-    evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@champion
-    fit-local-judge/fit-judge              train the local Bradley-Terry judge
-    promote-value-model/promote            move champion to candidate when it wins by the margin
+spi-experiment/spi-experiment          run an experiment (recipe + overrides from the UI form)
+evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@champion
+fit-local-judge/fit-judge              train the local Bradley-Terry judge
+promote-value-model/promote            move champion to candidate when it wins by the margin
 """
 
 from __future__ import annotations
@@ -23,16 +23,25 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
     tags = ["spi"]
     return [
         spi_experiment.to_deployment(
-            name="spi-experiment", tags=tags, parameters={"recipe": recipe, "overrides": {}, "workdir": workdir},
-            description="An SPI experiment: iterations, baselines, judging, tracking, registry."),
+            name="spi-experiment",
+            tags=tags,
+            parameters={"recipe": recipe, "overrides": {}, "workdir": workdir},
+            description="An SPI experiment: iterations, baselines, judging, tracking, registry.",
+        ),
         evaluate_value_model.to_deployment(
-            name="evaluate-champion", tags=tags,
+            name="evaluate-champion",
+            tags=tags,
             parameters={"recipe": recipe, "workdir": workdir, "alias": "champion"},
             schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
-            description="Nightly: score the champion value model on the recipe's eval set."),
+            description="Nightly: score the champion value model on the recipe's eval set.",
+        ),
         fit_local_judge.to_deployment(
-            name="fit-judge", tags=tags, description="Train the local Bradley-Terry judge (minilm-bt)."),
+            name="fit-judge", tags=tags, description="Train the local Bradley-Terry judge (minilm-bt)."
+        ),
         promote_value_model.to_deployment(
-            name="promote", tags=tags, parameters={"registered_model": f"{recipe}-value", "workdir": workdir},
-            description="Promote the candidate value model when it beats the champion by the margin."),
+            name="promote",
+            tags=tags,
+            parameters={"registered_model": f"{recipe}-value", "workdir": workdir},
+            description="Promote the candidate value model when it beats the champion by the margin.",
+        ),
     ]

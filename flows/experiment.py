@@ -45,8 +45,13 @@ VALUE_SYSTEMS_PREFIX = "spi-"
 class Context:
     """Where one experiment's files, tracking and store live (plain, not passed to tasks)."""
 
-    def __init__(self, recipe: Recipe, workdir: str | None = None, source: str | None = None,
-                 overrides: dict | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        workdir: str | None = None,
+        source: str | None = None,
+        overrides: dict | None = None,
+    ):
         from mlflow_store.store import default_store_url
         from mlflow_store.tracking import default_tracking_uri
 
@@ -74,7 +79,9 @@ class Context:
         if cached:
             path = Path(result["path"])
             if not path.exists():  # output deleted since: recompute it
-                state = task.with_options(result_storage=self.results, refresh_cache=True)(**params, return_state=True)
+                state = task.with_options(result_storage=self.results, refresh_cache=True)(
+                    **params, return_state=True
+                )
                 result, cached = state.result(), False
             elif T.digest(path) != result["digest"]:
                 raise T.StageError(
@@ -123,8 +130,13 @@ def _finite(x):
 
 
 @flow(name="spi-iteration", flow_run_name=_iteration_run_name, persist_result=False)
-def spi_iteration(recipe: str = "smoke", overrides: dict | None = None, iteration: int = 1,
-                  value_dirs: list[str] | None = None, workdir: str | None = None) -> dict:
+def spi_iteration(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    iteration: int = 1,
+    value_dirs: list[str] | None = None,
+    workdir: str | None = None,
+) -> dict:
     """Iteration k of SPI: rollouts of pi_{k-1} -> reward labels -> fit V_k.
 
     ``value_dirs``: the folders of V_1..V_{k-1} (from earlier iterations).
@@ -137,31 +149,76 @@ def spi_iteration(recipe: str = "smoke", overrides: dict | None = None, iteratio
 def _iteration(ctx: Context, k: int, value_dirs: list[str]) -> dict:
     r, log = ctx.recipe, get_run_logger()
     if len(value_dirs) != k - 1:
-        raise ValueError(f"iteration {k} needs the {k - 1} value models of the earlier iterations, got {len(value_dirs)}")
+        raise ValueError(
+            f"iteration {k} needs the {k - 1} value models of the earlier iterations, got {len(value_dirs)}"
+        )
     stage = ctx.dir / f"iteration-{k}"
     log.info("iteration %d/%d of %s", k, r.iterations.count, r.name)
-    key = T.stage_key("rollouts", r.section_digest("policy", "sampling", "search", "prompts", "iterations", "reward"),
-                      r.seed, k, [T.digest(d) for d in value_dirs])
-    rollouts = ctx.run_stage(f"iteration-{k}/rollouts", T.rollouts_task, recipe=ctx.data, iteration=k,
-                             value_dirs=value_dirs, out=str(stage / f"rollouts-{key}.jsonl"), key=key)
+    key = T.stage_key(
+        "rollouts",
+        r.section_digest("policy", "sampling", "search", "prompts", "iterations", "reward"),
+        r.seed,
+        k,
+        [T.digest(d) for d in value_dirs],
+    )
+    rollouts = ctx.run_stage(
+        f"iteration-{k}/rollouts",
+        T.rollouts_task,
+        recipe=ctx.data,
+        iteration=k,
+        value_dirs=value_dirs,
+        out=str(stage / f"rollouts-{key}.jsonl"),
+        key=key,
+    )
     key = T.stage_key("labels", r.section_digest("reward"), rollouts["digest"])
-    labels = ctx.run_stage(f"iteration-{k}/labels", T.labels_task, recipe=ctx.data, iteration=k,
-                           rollouts=rollouts["path"], out=str(stage / f"labels-{key}.jsonl"), key=key)
-    key = T.stage_key("value", r.section_digest("policy", "value"), r.seed, k, rollouts["digest"], labels["digest"])
-    value = ctx.run_stage(f"iteration-{k}/value", T.value_fit_task, recipe=ctx.data, iteration=k,
-                          rollouts=rollouts["path"], labels=labels["path"], out=str(stage / f"value-{key}"), key=key)
+    labels = ctx.run_stage(
+        f"iteration-{k}/labels",
+        T.labels_task,
+        recipe=ctx.data,
+        iteration=k,
+        rollouts=rollouts["path"],
+        out=str(stage / f"labels-{key}.jsonl"),
+        key=key,
+    )
+    key = T.stage_key(
+        "value", r.section_digest("policy", "value"), r.seed, k, rollouts["digest"], labels["digest"]
+    )
+    value = ctx.run_stage(
+        f"iteration-{k}/value",
+        T.value_fit_task,
+        recipe=ctx.data,
+        iteration=k,
+        rollouts=rollouts["path"],
+        labels=labels["path"],
+        out=str(stage / f"value-{key}"),
+        key=key,
+    )
     rep = value["report"]
-    log.info("iteration %d done: reward mean %.4f (best-of-leaves %.4f), V_%d loss %.5f, held-out EV %s", k,
-             labels["stats"]["reward_mean"], labels["stats"]["reward_best_mean"], k, rep.get("final_loss", float("nan")),
-             rep.get("holdout_explained_variance"))
-    return {"iteration": k, "rollouts": rollouts, "labels": labels, "value": value, "stages": dict(ctx.stages)}
+    log.info(
+        "iteration %d done: reward mean %.4f (best-of-leaves %.4f), V_%d loss %.5f, held-out EV %s",
+        k,
+        labels["stats"]["reward_mean"],
+        labels["stats"]["reward_best_mean"],
+        k,
+        rep.get("final_loss", float("nan")),
+        rep.get("holdout_explained_variance"),
+    )
+    return {
+        "iteration": k,
+        "rollouts": rollouts,
+        "labels": labels,
+        "value": value,
+        "stages": dict(ctx.stages),
+    }
 
 
 def iteration_metrics(it: dict) -> dict:
     """MLflow metrics of one iteration's stages (reward stats, value fit, compute, seconds per stage)."""
     m = {f"rollout_{k}": v for k, v in it["labels"]["stats"].items()}
     m.update({f"value_{k}": v for k, v in it["value"]["report"].items()})
-    m.update({f"rollout_{k}": v for k, v in it["rollouts"]["compute"].items() if not k.startswith("seconds_")})
+    m.update(
+        {f"rollout_{k}": v for k, v in it["rollouts"]["compute"].items() if not k.startswith("seconds_")}
+    )
     for name in ("rollouts", "labels", "value"):
         m[f"seconds_{name}"] = it[name]["seconds"]
     return m
@@ -176,50 +233,100 @@ def _prepare_eval(ctx: Context) -> dict:
     ev = r.evaluation
     source = Path(ev.eval_set).expanduser()
     source_digest = T.digest(source) if source.is_file() else None
-    key = T.stage_key("eval-set", digest_of([ev.eval_set, ev.n_instructions, ev.subset]), r.seed, source_digest)
-    eval_set = ctx.run_stage("eval/eval-set", T.eval_set_task, recipe=ctx.data,
-                             out=str(ctx.dir / "eval" / f"eval-set-{key}.json"), key=key)
+    key = T.stage_key(
+        "eval-set", digest_of([ev.eval_set, ev.n_instructions, ev.subset]), r.seed, source_digest
+    )
+    eval_set = ctx.run_stage(
+        "eval/eval-set",
+        T.eval_set_task,
+        recipe=ctx.data,
+        out=str(ctx.dir / "eval" / f"eval-set-{key}.json"),
+        key=key,
+    )
     if eval_set["has_references"]:
         return eval_set
     generator = ev.reference_generator
     if generator.startswith(VALUE_SYSTEMS_PREFIX) or generator == "blockwise-cd":
-        raise ValueError(f"evaluation.reference_generator '{generator}' needs value models; name a baseline system")
+        raise ValueError(
+            f"evaluation.reference_generator '{generator}' needs value models; name a baseline system"
+        )
     generated = _decode(ctx, generator, [], eval_set)
     key = T.stage_key("references", generator, eval_set["digest"], generated["digest"])
-    return ctx.run_stage("eval/references", T.references_task, eval_set=eval_set["path"], generated=generated["path"],
-                         generator=generator, out=str(ctx.dir / "eval" / f"references-{key}.json"), key=key)
+    return ctx.run_stage(
+        "eval/references",
+        T.references_task,
+        eval_set=eval_set["path"],
+        generated=generated["path"],
+        generator=generator,
+        out=str(ctx.dir / "eval" / f"references-{key}.json"),
+        key=key,
+    )
 
 
 def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) -> dict:
     r = ctx.recipe
-    key = T.stage_key("decode", system, r.section_digest("policy", "sampling", "search", "baselines", "iterations", "reward"),
-                      r.seed, eval_set["digest"], [T.digest(d) for d in value_dirs])
-    return ctx.run_stage(f"eval/decode-{system}", T.decode_task, recipe=ctx.data, system=system,
-                         value_dirs=value_dirs, eval_set=eval_set["path"],
-                         out=str(ctx.dir / "eval" / f"{system}-{key}.json"), key=key)
+    key = T.stage_key(
+        "decode",
+        system,
+        r.section_digest("policy", "sampling", "search", "baselines", "iterations", "reward"),
+        r.seed,
+        eval_set["digest"],
+        [T.digest(d) for d in value_dirs],
+    )
+    return ctx.run_stage(
+        f"eval/decode-{system}",
+        T.decode_task,
+        recipe=ctx.data,
+        system=system,
+        value_dirs=value_dirs,
+        eval_set=eval_set["path"],
+        out=str(ctx.dir / "eval" / f"{system}-{key}.json"),
+        key=key,
+    )
 
 
 def _judge(ctx: Context, system: str, references: dict, decoded: dict, allow_reward_judge: bool) -> dict:
     spec = ctx.recipe.evaluation.judge
     reward = ctx.data["reward"]
-    key = T.stage_key("judge", system, judge_fingerprint(spec, reward), references["digest"], decoded["digest"],
-                      allow_reward_judge)
-    return ctx.run_stage(f"eval/judge-{system}", T.judge_task, system=system, eval_set=references["path"],
-                         outputs=decoded["path"], judge=spec, reward=reward,
-                         out=str(ctx.dir / "eval" / f"judge-{system}-{key}.json"), key=key,
-                         cache=ctx.judge_cache, allow_reward_judge=allow_reward_judge)
+    key = T.stage_key(
+        "judge",
+        system,
+        judge_fingerprint(spec, reward),
+        references["digest"],
+        decoded["digest"],
+        allow_reward_judge,
+    )
+    return ctx.run_stage(
+        f"eval/judge-{system}",
+        T.judge_task,
+        system=system,
+        eval_set=references["path"],
+        outputs=decoded["path"],
+        judge=spec,
+        reward=reward,
+        out=str(ctx.dir / "eval" / f"judge-{system}-{key}.json"),
+        key=key,
+        cache=ctx.judge_cache,
+        allow_reward_judge=allow_reward_judge,
+    )
 
 
 def system_row(system: str, iteration: int | None, decoded: dict, judged: dict) -> dict:
     m = judged["metrics"]
     return {
-        "system": system, "iteration": iteration, "mean_reward": decoded["mean_reward"],
-        "win_rate": m["win_rate"], "win_rate_ci_low": m.get("win_rate_ci_low"),
-        "win_rate_ci_high": m.get("win_rate_ci_high"), "standard_error": _finite(m.get("standard_error")),
+        "system": system,
+        "iteration": iteration,
+        "mean_reward": decoded["mean_reward"],
+        "win_rate": m["win_rate"],
+        "win_rate_ci_low": m.get("win_rate_ci_low"),
+        "win_rate_ci_high": m.get("win_rate_ci_high"),
+        "standard_error": _finite(m.get("standard_error")),
         "length_controlled_winrate": m.get("length_controlled_winrate"),
         "policy_tokens": int(decoded["compute"].get("policy_tokens", 0)),
         "generated_tokens": int(decoded["compute"].get("generated_tokens", 0)),
-        "avg_length": m.get("avg_length"), "seconds_decode": decoded["seconds"], "seconds_judge": judged["seconds"],
+        "avg_length": m.get("avg_length"),
+        "seconds_decode": decoded["seconds"],
+        "seconds_judge": judged["seconds"],
     }
 
 
@@ -229,9 +336,11 @@ def format_table(rows: list[dict]) -> str:
     def num(x, fmt):
         return format(x, fmt) if x is not None else "n/a"
 
-    lines = [f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'LC win':>9}{'policy tokens':>15}"]
+    lines = [
+        f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'LC win':>9}{'policy tokens':>15}"
+    ]
     for row in rows:
-        ci = (f"{row['win_rate']:6.2f} [{num(row['win_rate_ci_low'], '5.1f')}, {num(row['win_rate_ci_high'], '5.1f')}]")
+        ci = f"{row['win_rate']:6.2f} [{num(row['win_rate_ci_low'], '5.1f')}, {num(row['win_rate_ci_high'], '5.1f')}]"
         lines.append(
             f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
             f"{row['mean_reward']:>13.4f}{ci:>26}{num(row['length_controlled_winrate'], '9.2f'):>9}"
@@ -242,22 +351,31 @@ def format_table(rows: list[dict]) -> str:
 
 def _markdown(ctx: Context, rows: list[dict], judge: str, promotions: list[dict], run_id: str) -> str:
     r = ctx.recipe
-    out = [f"# SPI experiment `{r.name}` ({r.digest})", "",
-           f"Judge: `{judge}`; reward model (used for training, not for judging): `{ctx.reward_name}`.",
-           f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.", "",
-           "| system | iter | mean reward | win rate | 95% CI | LC win rate | policy tokens |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        f"# SPI experiment `{r.name}` ({r.digest})",
+        "",
+        f"Judge: `{judge}`; reward model (used for training, not for judging): `{ctx.reward_name}`.",
+        f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.",
+        "",
+        "| system | iter | mean reward | win rate | 95% CI | LC win rate | policy tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lc = row["length_controlled_winrate"]
         lo, hi = row["win_rate_ci_low"], row["win_rate_ci_high"]
         ci = f"[{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else "n/a"
-        out.append(f"| {row['system']} | {row['iteration'] if row['iteration'] is not None else '-'} | "
-                   f"{row['mean_reward']:.4f} | {row['win_rate']:.2f} | {ci} | "
-                   f"{'n/a' if lc is None else f'{lc:.2f}'} | {row['policy_tokens']} |")
+        out.append(
+            f"| {row['system']} | {row['iteration'] if row['iteration'] is not None else '-'} | "
+            f"{row['mean_reward']:.4f} | {row['win_rate']:.2f} | {ci} | "
+            f"{'n/a' if lc is None else f'{lc:.2f}'} | {row['policy_tokens']} |"
+        )
     if promotions:
         out += ["", "## Value model registry", ""]
-        out += [f"- iteration {p['iteration']}: version {p['candidate_version']} "
-                f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}" for p in promotions]
+        out += [
+            f"- iteration {p['iteration']}: version {p['candidate_version']} "
+            f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}"
+            for p in promotions
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -265,8 +383,12 @@ def _markdown(ctx: Context, rows: list[dict], judge: str, promotions: list[dict]
 
 
 @flow(name="spi-experiment", flow_run_name=_experiment_run_name, persist_result=False)
-def spi_experiment(recipe: str = "smoke", overrides: dict | None = None, workdir: str | None = None,
-                   allow_reward_judge: bool = False) -> dict:
+def spi_experiment(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    workdir: str | None = None,
+    allow_reward_judge: bool = False,
+) -> dict:
     """A whole SPI experiment: K iterations, baselines and spi-1..spi-K judged, tracked and compared.
 
     recipe: built-in recipe name (smoke, paper) or a YAML path; overrides: nested dict merged over it
@@ -278,16 +400,29 @@ def spi_experiment(recipe: str = "smoke", overrides: dict | None = None, workdir
     log = get_run_logger()
     r = _load(recipe, overrides)
     ctx = Context(r, workdir, recipe, overrides)
-    log.info("experiment %s (%s): %d iterations, baselines %s, judge %s; files in %s", r.name, r.digest,
-             r.iterations.count, ", ".join(r.baselines.names) or "none", r.evaluation.judge, ctx.dir)
+    log.info(
+        "experiment %s (%s): %d iterations, baselines %s, judge %s; files in %s",
+        r.name,
+        r.digest,
+        r.iterations.count,
+        ", ".join(r.baselines.names) or "none",
+        r.evaluation.judge,
+        ctx.dir,
+    )
 
     run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest)
     if run_id:
         log.info("resuming MLflow run %s of experiment %s", run_id, ctx.experiment)
         tracking.client_for(ctx.tracking_uri).update_run(run_id, status="RUNNING")
     else:
-        run_id = tracking.start_experiment_run(ctx.tracking_uri, ctx.experiment, ctx.data, r.digest,
-                                               tracking.code_version(), run_name=f"{r.name}-{r.digest[:8]}")
+        run_id = tracking.start_experiment_run(
+            ctx.tracking_uri,
+            ctx.experiment,
+            ctx.data,
+            r.digest,
+            tracking.code_version(),
+            run_name=f"{r.name}-{r.digest[:8]}",
+        )
         log.info("started MLflow run %s in experiment %s", run_id, ctx.experiment)
     try:
         summary = _experiment_body(ctx, run_id, allow_reward_judge)
@@ -311,19 +446,34 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
     iterations, value_dirs = [], []
     for k in range(1, r.iterations.count + 1):
         it = spi_iteration.with_options(flow_run_name=f"{r.name}-iter{k}")(
-            recipe=ctx.source, overrides=ctx.overrides, iteration=k, value_dirs=list(value_dirs),
-            workdir=str(ctx.root))
+            recipe=ctx.source,
+            overrides=ctx.overrides,
+            iteration=k,
+            value_dirs=list(value_dirs),
+            workdir=str(ctx.root),
+        )
         iterations.append(it)
         ctx.stages.update(it["stages"])
         value_dirs.append(it["value"]["path"])
-        T.store_rollouts_task(ctx.store_url, ctx.run_key, k, it["rollouts"]["path"], it["labels"]["path"],
-                              ctx.reward_name)
+        T.store_rollouts_task(
+            ctx.store_url, ctx.run_key, k, it["rollouts"]["path"], it["labels"]["path"], ctx.reward_name
+        )
     if iterations:
         create_table_artifact(
             key=f"{slug}-iterations",
-            table=[{"iteration": it["iteration"], **{k: _round(v) for k, v in iteration_metrics(it).items()
-                                                     if not k.startswith("rollout_seconds")}} for it in iterations],
-            description=f"SPI iterations of {r.name} ({r.digest})")
+            table=[
+                {
+                    "iteration": it["iteration"],
+                    **{
+                        k: _round(v)
+                        for k, v in iteration_metrics(it).items()
+                        if not k.startswith("rollout_seconds")
+                    },
+                }
+                for it in iterations
+            ],
+            description=f"SPI iterations of {r.name} ({r.digest})",
+        )
 
     # 2. evaluation: references, decode every system, judge
     references = _prepare_eval(ctx)
@@ -337,15 +487,18 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         judged_by = judgement["judge"]
         judged[name] = (decoded, judgement)
         rows.append(system_row(name, k, decoded, judgement))
-        T.store_generations_task(ctx.store_url, ctx.run_key, name, k or 0, decoded["path"], judgement["path"],
-                                 ctx.reward_name)
+        T.store_generations_task(
+            ctx.store_url, ctx.run_key, name, k or 0, decoded["path"], judgement["path"], ctx.reward_name
+        )
 
     # 3. tracking: a child run per baseline and per iteration; register and promote value models
     promotions = []
     for row in rows:
         name, k = row["system"], row["iteration"]
         decoded, judgement = judged[name]
-        metrics = {key: v for key, v in row.items() if key not in ("system", "iteration") and _finite(v) is not None}
+        metrics = {
+            key: v for key, v in row.items() if key not in ("system", "iteration") and _finite(v) is not None
+        }
         artifacts = {"generations": decoded["path"], "judge_annotations": judgement["path"]}
         tags = {"spi.judge": judged_by, "spi.reward_model": ctx.reward_name}
         if k is None:
@@ -355,13 +508,24 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
             metrics.update({key: v for key, v in iteration_metrics(it).items() if _finite(v) is not None})
             artifacts.update(rollouts=it["rollouts"]["path"], labels=it["labels"]["path"])
             tracking_system, iteration = "spi", k
-        child = T.track_child_task(ctx.tracking_uri, run_id, tracking_system, iteration, metrics, artifacts, tags)
+        child = T.track_child_task(
+            ctx.tracking_uri, run_id, tracking_system, iteration, metrics, artifacts, tags
+        )
         row["run_id"] = child
         if k is not None:
-            tracking.log_metrics(ctx.tracking_uri, run_id, {"spi_win_rate": row["win_rate"],
-                                                            "spi_mean_reward": row["mean_reward"]}, step=k)
-            version = T.register_task(ctx.tracking_uri, ctx.registered_model, child, iterations[k - 1]["value"]["path"],
-                                      {**metrics, "iteration": k})
+            tracking.log_metrics(
+                ctx.tracking_uri,
+                run_id,
+                {"spi_win_rate": row["win_rate"], "spi_mean_reward": row["mean_reward"]},
+                step=k,
+            )
+            version = T.register_task(
+                ctx.tracking_uri,
+                ctx.registered_model,
+                child,
+                iterations[k - 1]["value"]["path"],
+                {**metrics, "iteration": k},
+            )
             decision = T.promote_task(ctx.tracking_uri, ctx.registered_model, r.tracking.promotion_margin)
             promotions.append({"iteration": k, **decision})
             row["registered_version"] = version
@@ -369,16 +533,28 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
     # 4. comparison: table, markdown, Prefect artifacts, parent-run artifacts, summary
     table = format_table(rows)
     markdown = _markdown(ctx, rows, judged_by, promotions, run_id)
-    create_table_artifact(key=f"{slug}-comparison", table=[{k: _round(v) for k, v in row.items()} for row in rows],
-                          description=f"Systems of {r.name} judged by {judged_by}")
+    create_table_artifact(
+        key=f"{slug}-comparison",
+        table=[{k: _round(v) for k, v in row.items()} for row in rows],
+        description=f"Systems of {r.name} judged by {judged_by}",
+    )
     create_markdown_artifact(key=f"{slug}-report", markdown=markdown, description=f"SPI experiment {r.name}")
     summary = {
-        "recipe": r.name, "digest": r.digest, "workdir": str(ctx.root), "tracking_uri": ctx.tracking_uri,
-        "store_url": ctx.store_url, "experiment": ctx.experiment, "experiment_run_id": run_id,
+        "recipe": r.name,
+        "digest": r.digest,
+        "workdir": str(ctx.root),
+        "tracking_uri": ctx.tracking_uri,
+        "store_url": ctx.store_url,
+        "experiment": ctx.experiment,
+        "experiment_run_id": run_id,
         "registered_model": ctx.registered_model if r.iterations.count else None,
-        "judge": judged_by, "reward_model": ctx.reward_name, "eval_set": references["path"],
+        "judge": judged_by,
+        "reward_model": ctx.reward_name,
+        "eval_set": references["path"],
         "systems": {row["system"]: {k: v for k, v in row.items() if k != "system"} for row in rows},
-        "promotions": promotions, "stages": dict(ctx.stages), "table": table,
+        "promotions": promotions,
+        "stages": dict(ctx.stages),
+        "table": table,
     }
     report = ctx.dir / f"report-{r.digest[:12]}.md"
     report.write_text(markdown)
@@ -409,9 +585,15 @@ def _evaluate_run_name() -> str:
 
 
 @flow(name="evaluate-value-model", flow_run_name=_evaluate_run_name, persist_result=False)
-def evaluate_value_model(recipe: str = "smoke", overrides: dict | None = None, workdir: str | None = None,
-                         registered_model: str | None = None, alias: str = "champion",
-                         outputs: str | None = None, allow_reward_judge: bool = False) -> dict:
+def evaluate_value_model(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    workdir: str | None = None,
+    registered_model: str | None = None,
+    alias: str = "champion",
+    outputs: str | None = None,
+    allow_reward_judge: bool = False,
+) -> dict:
     """Score the value model ``models:/NAME@ALIAS`` (decoded as spi-1 with it) or, with ``outputs``, an
     AlpacaEval-format file of outputs for the recipe's eval set. Logs a child run of the recipe's
     experiment and, for a registered model, ``eval_*`` tags on the version. Returns the metrics."""
@@ -429,42 +611,75 @@ def evaluate_value_model(recipe: str = "smoke", overrides: dict | None = None, w
         given = read_model_outputs(outputs, rows)
         missing = [e["index"] for e in rows if e["index"] not in given]
         if missing:
-            raise ValueError(f"{outputs}: no output for {len(missing)} eval instructions (indices {missing[:5]})")
+            raise ValueError(
+                f"{outputs}: no output for {len(missing)} eval instructions (indices {missing[:5]})"
+            )
         label = f"outputs-{T.digest(outputs)[:8]}"
         path = ctx.dir / "eval" / f"{label}.json"
-        T._write_json(path, {"system": label, "outputs": [given[e["index"]] for e in rows], "compute": {},
-                             "mean_reward": float("nan")})
-        decoded = {"path": str(path), "digest": T.digest(path), "mean_reward": float("nan"), "compute": {},
-                   "seconds": 0.0}
+        T._write_json(
+            path,
+            {
+                "system": label,
+                "outputs": [given[e["index"]] for e in rows],
+                "compute": {},
+                "mean_reward": float("nan"),
+            },
+        )
+        decoded = {
+            "path": str(path),
+            "digest": T.digest(path),
+            "mean_reward": float("nan"),
+            "compute": {},
+            "seconds": 0.0,
+        }
         system, version = label, None
     else:
         mv = get_version(ctx.tracking_uri, name, alias)
         version = str(mv.version)
-        folder = load_registered_value_model(name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}")
+        folder = load_registered_value_model(
+            name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}"
+        )
         system = "spi-1"
         decoded = _decode(ctx, system, [str(folder)], references)
         label = f"{alias}-v{version}"
     judgement = _judge(ctx, label, references, decoded, allow_reward_judge)
     row = system_row(label, None, decoded, judgement)
-    run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest) or tracking.start_experiment_run(
-        ctx.tracking_uri, ctx.experiment, ctx.data, r.digest, tracking.code_version())
+    run_id = tracking.find_experiment_run(
+        ctx.tracking_uri, ctx.experiment, r.digest
+    ) or tracking.start_experiment_run(
+        ctx.tracking_uri, ctx.experiment, ctx.data, r.digest, tracking.code_version()
+    )
     metrics = {k: v for k, v in row.items() if k not in ("system", "iteration") and _finite(v) is not None}
-    T.track_child_task(ctx.tracking_uri, run_id, f"evaluate-{label}", 0, metrics,
-                       {"generations": decoded["path"], "judge_annotations": judgement["path"]},
-                       {"spi.judge": judgement["judge"], "spi.registered_model": name})
+    T.track_child_task(
+        ctx.tracking_uri,
+        run_id,
+        f"evaluate-{label}",
+        0,
+        metrics,
+        {"generations": decoded["path"], "judge_annotations": judgement["path"]},
+        {"spi.judge": judgement["judge"], "spi.registered_model": name},
+    )
     if version is not None:
         client = tracking.client_for(ctx.tracking_uri)
         for key in ("win_rate", "length_controlled_winrate", "mean_reward"):
             if _finite(row.get(key)) is not None:
                 client.set_model_version_tag(name, version, f"eval_{key}", repr(float(row[key])))
-    create_markdown_artifact(key=f"{_slug(r.name)}-evaluate-{_slug(alias if not outputs else 'outputs')}",
-                             markdown=f"# Evaluation of {label}\n\n```\n{format_table([row])}\n```\n")
+    create_markdown_artifact(
+        key=f"{_slug(r.name)}-evaluate-{_slug(alias if not outputs else 'outputs')}",
+        markdown=f"# Evaluation of {label}\n\n```\n{format_table([row])}\n```\n",
+    )
     return {"system": label, "registered_model": name if version else None, "version": version, **row}
 
 
 @flow(name="fit-local-judge", persist_result=False)
-def fit_local_judge(name: str = "minilm-bt", data_dir: str | None = None, n_instructions: int | None = 100,
-                    backbone: str = "minilm-l6", out: str | None = None, refit: bool = False) -> dict:
+def fit_local_judge(
+    name: str = "minilm-bt",
+    data_dir: str | None = None,
+    n_instructions: int | None = 100,
+    backbone: str = "minilm-l6",
+    out: str | None = None,
+    refit: bool = False,
+) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``reward-model:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
     import shutil
@@ -481,8 +696,14 @@ def fit_local_judge(name: str = "minilm-bt", data_dir: str | None = None, n_inst
 
 
 @flow(name="promote-value-model", flow_run_name="promote-{registered_model}", persist_result=False)
-def promote_value_model(registered_model: str, tracking_uri: str | None = None, workdir: str = "runs",
-                        margin: float = 0.0, metric: str = "win_rate", use_stages: bool = False) -> dict:
+def promote_value_model(
+    registered_model: str,
+    tracking_uri: str | None = None,
+    workdir: str = "runs",
+    margin: float = 0.0,
+    metric: str = "win_rate",
+    use_stages: bool = False,
+) -> dict:
     """Move ``champion`` to the ``candidate`` version iff it beats the champion's ``metric`` by more
     than ``margin`` points. tracking_uri default: the SQLite file of ``workdir``."""
     from mlflow_store.tracking import default_tracking_uri

@@ -78,7 +78,9 @@ def check_independent(spec: str, reward_config: dict, allow_same: bool = False) 
         kind, _, model = arg.partition(":")
         same = not arg or (kind == reward_config.get("kind") and model == reward_config.get("model"))
     elif name == "llm":
-        same = reward_config.get("kind") == "llm-judge" and (arg or "smollm2-135m-instruct") == reward_config.get("model")
+        same = reward_config.get("kind") == "llm-judge" and (
+            arg or "smollm2-135m-instruct"
+        ) == reward_config.get("model")
     if same:
         raise JudgeSpecError(
             f"evaluation.judge '{spec}' is the reward model the experiment was trained on "
@@ -87,9 +89,13 @@ def check_independent(spec: str, reward_config: dict, allow_same: bool = False) 
         )
 
 
-def ensure_local_judge(name: str = DEFAULT_LOCAL_JUDGE, data_dir: str | os.PathLike | None = None,
-                       n_instructions: int | None = LOCAL_JUDGE_INSTRUCTIONS, backbone: str = "minilm-l6",
-                       out: str | os.PathLike | None = None) -> Path:
+def ensure_local_judge(
+    name: str = DEFAULT_LOCAL_JUDGE,
+    data_dir: str | os.PathLike | None = None,
+    n_instructions: int | None = LOCAL_JUDGE_INSTRUCTIONS,
+    backbone: str = "minilm-l6",
+    out: str | os.PathLike | None = None,
+) -> Path:
     """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent."""
     folder = Path(out) if out else local_judge_folder(name)
     if (folder / "judge_head.json").is_file():
@@ -109,8 +115,15 @@ def ensure_local_judge(name: str = DEFAULT_LOCAL_JUDGE, data_dir: str | os.PathL
     indices = [e["index"] for e in subset(eval_set, n_instructions)]
     log.info("training local judge %s on %s (%d instructions)", name, data, len(indices))
     tmp = folder.with_name(folder.name + ".partial")
-    judge = train_judge(eval_set, data / "outputs", data / "preferences", tmp, backbone=backbone,
-                        indices=indices, embed_cache_dir=default_embed_cache())
+    judge = train_judge(
+        eval_set,
+        data / "outputs",
+        data / "preferences",
+        tmp,
+        backbone=backbone,
+        indices=indices,
+        embed_cache_dir=default_embed_cache(),
+    )
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():
         import shutil
@@ -156,8 +169,13 @@ def resolve_judge(spec: str, reward_config: dict | None = None):
     )
 
 
-def score_outputs(judge, eval_rows: list[dict], outputs: list[dict], cache_path: str | os.PathLike | None = None,
-                  n_boot: int = 2000) -> dict:
+def score_outputs(
+    judge,
+    eval_rows: list[dict],
+    outputs: list[dict],
+    cache_path: str | os.PathLike | None = None,
+    n_boot: int = 2000,
+) -> dict:
     """Judge ``outputs`` (AlpacaEval dicts, same order as ``eval_rows``) against the references.
 
     Returns {"metrics": {...}, "annotations": [{index, instruction, output, reference, preference}]}.
@@ -183,8 +201,12 @@ def score_outputs(judge, eval_rows: list[dict], outputs: list[dict], cache_path:
         from evaluation.length_control import length_controlled_win_rate
 
         idx = [e["index"] for e in eval_rows]
-        lc = length_controlled_win_rate(dict(zip(idx, prefs)), dict(zip(idx, answers)), dict(zip(idx, references)),
-                                        n_splits=min(5, len(prefs)))
+        lc = length_controlled_win_rate(
+            dict(zip(idx, prefs, strict=True)),
+            dict(zip(idx, answers, strict=True)),
+            dict(zip(idx, references, strict=True)),
+            n_splits=min(5, len(prefs)),
+        )
         metrics["length_controlled_winrate"] = lc["length_controlled_winrate"]
         metrics["lc_standard_error"] = lc["lc_standard_error"]
     except Exception as err:  # too few or degenerate preferences: the LC GLM cannot be fitted
@@ -192,6 +214,6 @@ def score_outputs(judge, eval_rows: list[dict], outputs: list[dict], cache_path:
     metrics["avg_length"] = sum(len(a) for a in answers) / max(len(answers), 1)
     annotations = [
         {"index": e["index"], "instruction": e["instruction"], "output": a, "reference": r, "preference": p}
-        for e, a, r, p in zip(eval_rows, answers, references, prefs)
+        for e, a, r, p in zip(eval_rows, answers, references, prefs, strict=True)
     ]
     return {"metrics": metrics, "annotations": annotations}

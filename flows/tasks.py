@@ -71,8 +71,15 @@ def _stage_result(stage: str, out: Path, key: str, started: float, computed: boo
     if computed or not meta.exists():
         meta.write_text(json.dumps({"stage": stage, "seconds": time.perf_counter() - started, "key": key}))
     seconds = json.loads(meta.read_text())["seconds"]
-    return {"stage": stage, "path": str(out), "digest": digest(out), "key": key, "seconds": seconds,
-            "computed": computed, **extra}
+    return {
+        "stage": stage,
+        "path": str(out),
+        "digest": digest(out),
+        "key": key,
+        "seconds": seconds,
+        "computed": computed,
+        **extra,
+    }
 
 
 def _check_jsonl(path: Path, what: str) -> list[dict]:
@@ -90,8 +97,13 @@ def rollouts_task(recipe: dict, iteration: int, value_dirs: list[str], out: str,
     """Iteration k's rollouts: pi_0 samples (k = 1) or CBS guided by V_1..V_{k-1}."""
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
-    _logger().info("iteration %d: rollouts (%d prompts, %d leaves each) -> %s", iteration,
-                   r.iterations.prompts_per_iteration, r.search.width * r.search.successors, out.name)
+    _logger().info(
+        "iteration %d: rollouts (%d prompts, %d leaves each) -> %s",
+        iteration,
+        r.iterations.prompts_per_iteration,
+        r.search.width * r.search.successors,
+        out.name,
+    )
     pipeline.generate_rollouts(r, iteration, [Path(d) for d in value_dirs], out, progress=False)
     records = _check_jsonl(out, "rollouts")
     compute_file = out.with_suffix(".compute.json")
@@ -105,14 +117,21 @@ def labels_task(recipe: dict, iteration: int, rollouts: str, out: str, key: str)
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
     _check_jsonl(Path(rollouts), "rollouts")
-    _logger().info("iteration %d: labelling with %s:%s -> %s", iteration, r.reward.kind, r.reward.model, out.name)
+    _logger().info(
+        "iteration %d: labelling with %s:%s -> %s", iteration, r.reward.kind, r.reward.model, out.name
+    )
     pipeline.label_rollouts(r, Path(rollouts), out)
     labels = _check_jsonl(out, "labels")
     leaf = [x for row in labels for x in row["rewards"]]
     best = [row["rewards"][row["best"]] for row in labels]
     mean = sum(leaf) / len(leaf)
-    stats = {"reward_mean": mean, "reward_std": (sum((x - mean) ** 2 for x in leaf) / len(leaf)) ** 0.5,
-             "reward_best_mean": sum(best) / len(best), "reward_min": min(leaf), "reward_max": max(leaf)}
+    stats = {
+        "reward_mean": mean,
+        "reward_std": (sum((x - mean) ** 2 for x in leaf) / len(leaf)) ** 0.5,
+        "reward_best_mean": sum(best) / len(best),
+        "reward_min": min(leaf),
+        "reward_max": max(leaf),
+    }
     return _stage_result("labels", out, key, t0, computed, stats=stats)
 
 
@@ -122,8 +141,14 @@ def value_fit_task(recipe: dict, iteration: int, rollouts: str, labels: str, out
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
     log = _logger()
-    log.info("iteration %d: fitting V_%d (%s, %d epochs) -> %s", iteration, iteration, r.value.kind,
-             r.value.epochs, out.name)
+    log.info(
+        "iteration %d: fitting V_%d (%s, %d epochs) -> %s",
+        iteration,
+        iteration,
+        r.value.kind,
+        r.value.epochs,
+        out.name,
+    )
     every = max(1, r.value.epochs // 5)
 
     def progress(epoch, epochs, loss):
@@ -147,8 +172,15 @@ def eval_set_task(recipe: dict, out: str, key: str) -> dict:
     rows = subset(rows, ev.n_instructions, stratify=ev.subset == "stratified", seed=r.seed)
     _logger().info("evaluation set: %d instructions from %s", len(rows), ev.eval_set)
     _write_json(out, rows)
-    return _stage_result("eval-set", out, key, t0, computed, n=len(rows),
-                         has_references=all(e["reference_output"] for e in rows))
+    return _stage_result(
+        "eval-set",
+        out,
+        key,
+        t0,
+        computed,
+        n=len(rows),
+        has_references=all(e["reference_output"] for e in rows),
+    )
 
 
 @task(name="decode", cache_key_fn=stage_cache_key, task_run_name="decode-{system}")
@@ -163,16 +195,38 @@ def decode_task(recipe: dict, system: str, value_dirs: list[str], eval_set: str,
 
         b = r.baselines
         if not (b.weak_to_strong_tuned and b.weak_to_strong_untuned):
-            raise ValueError("weak-to-strong needs baselines.weak_to_strong_tuned and baselines.weak_to_strong_untuned")
+            raise ValueError(
+                "weak-to-strong needs baselines.weak_to_strong_tuned and baselines.weak_to_strong_untuned"
+            )
         w2s = (CausalLM.load(b.weak_to_strong_tuned), CausalLM.load(b.weak_to_strong_untuned))
     _logger().info("decoding %d instructions with %s -> %s", len(rows), system, out.name)
-    pipeline.decode_system(r, system, [Path(d) for d in value_dirs], [e["instruction"] for e in rows], out,
-                           datasets=[e["dataset"] for e in rows], w2s_models=w2s, progress=False)
+    pipeline.decode_system(
+        r,
+        system,
+        [Path(d) for d in value_dirs],
+        [e["instruction"] for e in rows],
+        out,
+        datasets=[e["dataset"] for e in rows],
+        w2s_models=w2s,
+        progress=False,
+    )
     data = json.loads(out.read_text())
-    _logger().info("%s: mean reward %.4f, %d policy tokens", system, data["mean_reward"],
-                   data["compute"].get("policy_tokens", 0))
-    return _stage_result("decode", out, key, t0, computed, system=system, mean_reward=data["mean_reward"],
-                         compute=data["compute"])
+    _logger().info(
+        "%s: mean reward %.4f, %d policy tokens",
+        system,
+        data["mean_reward"],
+        data["compute"].get("policy_tokens", 0),
+    )
+    return _stage_result(
+        "decode",
+        out,
+        key,
+        t0,
+        computed,
+        system=system,
+        mean_reward=data["mean_reward"],
+        compute=data["compute"],
+    )
 
 
 @task(name="references", cache_key_fn=stage_cache_key)
@@ -191,8 +245,17 @@ def references_task(eval_set: str, generated: str, generator: str, out: str, key
 
 
 @task(name="judge", cache_key_fn=stage_cache_key, task_run_name="judge-{system}")
-def judge_task(system: str, eval_set: str, outputs: str, judge: str, reward: dict, out: str, key: str,
-               cache: str | None = None, allow_reward_judge: bool = False) -> dict:
+def judge_task(
+    system: str,
+    eval_set: str,
+    outputs: str,
+    judge: str,
+    reward: dict,
+    out: str,
+    key: str,
+    cache: str | None = None,
+    allow_reward_judge: bool = False,
+) -> dict:
     """AlpacaEval-style scoring of one system's outputs against the references with ``judge``."""
     from flows.judging import check_independent, resolve_judge, score_outputs
 
@@ -206,13 +269,25 @@ def judge_task(system: str, eval_set: str, outputs: str, judge: str, reward: dic
     scored = score_outputs(judge_model, rows, answers, cache_path=cache)
     m = scored["metrics"]
     lc = m["length_controlled_winrate"]
-    _logger().info("%s: win rate %.2f [%.2f, %.2f], LC %s", system, m["win_rate"], m.get("win_rate_ci_low", float("nan")),
-                   m.get("win_rate_ci_high", float("nan")), "n/a" if lc is None else f"{lc:.2f}")
-    payload = {"system": system, "judge": judge_model.identity, "judge_spec": judge,
-               "reward_model": f"{reward.get('kind')}:{reward.get('model')}", **scored}
+    _logger().info(
+        "%s: win rate %.2f [%.2f, %.2f], LC %s",
+        system,
+        m["win_rate"],
+        m.get("win_rate_ci_low", float("nan")),
+        m.get("win_rate_ci_high", float("nan")),
+        "n/a" if lc is None else f"{lc:.2f}",
+    )
+    payload = {
+        "system": system,
+        "judge": judge_model.identity,
+        "judge_spec": judge,
+        "reward_model": f"{reward.get('kind')}:{reward.get('model')}",
+        **scored,
+    }
     _write_json(out, payload)
-    return _stage_result("judge", out, key, t0, computed, system=system, judge=judge_model.identity,
-                         metrics=m)
+    return _stage_result(
+        "judge", out, key, t0, computed, system=system, judge=judge_model.identity, metrics=m
+    )
 
 
 def _write_json(path: Path, data) -> None:
@@ -226,8 +301,9 @@ def _write_json(path: Path, data) -> None:
 
 
 @task(name="store-rollouts", **IO_RETRIES)
-def store_rollouts_task(store_url: str, run_key: str, iteration: int, rollouts: str, labels: str,
-                        reward_model: str) -> int:
+def store_rollouts_task(
+    store_url: str, run_key: str, iteration: int, rollouts: str, labels: str, reward_model: str
+) -> int:
     """Prompts, rollout leaves and their rewards of one iteration into the store (idempotent)."""
     from mlflow_store.store import Store, rollout_key, text_digest
 
@@ -237,10 +313,24 @@ def store_rollouts_task(store_url: str, run_key: str, iteration: int, rollouts: 
         pkey = text_digest(rec["instruction"])
         prompts.append({"prompt_key": pkey, "text": rec["instruction"], "split": "train"})
         for i, (leaf, reward) in enumerate(zip(rec["leaves"], lab["rewards"], strict=True)):
-            leaves.append({"run_key": run_key, "system": "rollout", "iteration": iteration, "prompt_key": pkey,
-                           "row_index": i, "text": leaf["response"], "n_tokens": len(leaf["response_ids"])})
-            rewards.append({"reward_model": reward_model, "reward": float(reward),
-                            "rollout_key": rollout_key(run_key, "rollout", iteration, pkey, i)})
+            leaves.append(
+                {
+                    "run_key": run_key,
+                    "system": "rollout",
+                    "iteration": iteration,
+                    "prompt_key": pkey,
+                    "row_index": i,
+                    "text": leaf["response"],
+                    "n_tokens": len(leaf["response_ids"]),
+                }
+            )
+            rewards.append(
+                {
+                    "reward_model": reward_model,
+                    "reward": float(reward),
+                    "rollout_key": rollout_key(run_key, "rollout", iteration, pkey, i),
+                }
+            )
     store = Store(store_url)
     try:
         n = store.add_prompts(prompts) + store.add_rollouts(leaves) + store.add_rewards(rewards)
@@ -251,8 +341,15 @@ def store_rollouts_task(store_url: str, run_key: str, iteration: int, rollouts: 
 
 
 @task(name="store-generations", **IO_RETRIES)
-def store_generations_task(store_url: str, run_key: str, system: str, iteration: int, outputs: str,
-                           annotations: str, reward_model: str) -> int:
+def store_generations_task(
+    store_url: str,
+    run_key: str,
+    system: str,
+    iteration: int,
+    outputs: str,
+    annotations: str,
+    reward_model: str,
+) -> int:
     """One system's evaluation outputs and their judgements into the store (idempotent)."""
     from mlflow_store.store import Store, text_digest
 
@@ -262,17 +359,30 @@ def store_generations_task(store_url: str, run_key: str, system: str, iteration:
     c = data["compute"]
     seconds = sum(v for k, v in c.items() if k.startswith("seconds_"))
     generations = [
-        {"run_key": run_key, "system": system, "iteration": iteration, "instruction_key": str(a["index"]),
-         "instruction": o["instruction"], "output": o["output"], "reward": o.get("reward"),
-         "reward_model": reward_model, "policy_tokens": c.get("policy_tokens", 0) // n,
-         "value_tokens": c.get("value_tokens", 0) // n, "reward_tokens": c.get("reward_tokens", 0) // n,
-         "seconds": seconds / n}
+        {
+            "run_key": run_key,
+            "system": system,
+            "iteration": iteration,
+            "instruction_key": str(a["index"]),
+            "instruction": o["instruction"],
+            "output": o["output"],
+            "reward": o.get("reward"),
+            "reward_model": reward_model,
+            "policy_tokens": c.get("policy_tokens", 0) // n,
+            "value_tokens": c.get("value_tokens", 0) // n,
+            "reward_tokens": c.get("reward_tokens", 0) // n,
+            "seconds": seconds / n,
+        }
         for o, a in zip(data["outputs"], judged["annotations"], strict=True)
     ]
     judgements = [
-        {"judge": judged["judge"], "instruction_digest": text_digest(a["instruction"]),
-         "output_1_digest": text_digest(a["reference"]), "output_2_digest": text_digest(a["output"]),
-         "preference": a["preference"]}
+        {
+            "judge": judged["judge"],
+            "instruction_digest": text_digest(a["instruction"]),
+            "output_1_digest": text_digest(a["reference"]),
+            "output_2_digest": text_digest(a["output"]),
+            "preference": a["preference"],
+        }
         for a in judged["annotations"]
     ]
     store = Store(store_url)
@@ -287,8 +397,16 @@ def store_generations_task(store_url: str, run_key: str, system: str, iteration:
 
 
 @task(name="track-run", **IO_RETRIES, task_run_name="track-{system}-{iteration}")
-def track_child_task(tracking_uri: str, parent_run_id: str, system: str, iteration: int, metrics: dict,
-                     artifacts: dict, tags: dict | None = None, params: dict | None = None) -> str:
+def track_child_task(
+    tracking_uri: str,
+    parent_run_id: str,
+    system: str,
+    iteration: int,
+    metrics: dict,
+    artifacts: dict,
+    tags: dict | None = None,
+    params: dict | None = None,
+) -> str:
     """The child run of (system, iteration): metrics, tags, params and artifacts (file or folder)."""
     from mlflow_store import tracking
 
@@ -317,8 +435,9 @@ def register_task(tracking_uri: str, name: str, run_id: str, folder: str, metric
 
 
 @task(name="promote", **IO_RETRIES)
-def promote_task(tracking_uri: str, name: str, margin: float, metric: str = "win_rate",
-                 use_stages: bool = False) -> dict:
+def promote_task(
+    tracking_uri: str, name: str, margin: float, metric: str = "win_rate", use_stages: bool = False
+) -> dict:
     """Move alias ``champion`` to ``candidate`` iff it beats the champion by more than ``margin``."""
     from dataclasses import asdict
 

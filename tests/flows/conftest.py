@@ -47,7 +47,7 @@ def mlflow_db_template(tmp_path_factory):
 
     uri = default_tracking_uri(tmp_path_factory.mktemp("mlflow_template"))
     client_for(uri)
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 @pytest.fixture

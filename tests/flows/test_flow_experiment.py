@@ -13,7 +13,9 @@ NAME = "tiny-value"
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_summary_json(experiment):
@@ -23,15 +25,25 @@ def test_summary_json(experiment):
     assert summary["systems"]["base-sampled"]["iteration"] is None
     assert summary["systems"]["spi-2"]["iteration"] == 2
     for row in summary["systems"].values():
-        assert set(row) == {"iteration", "mean_reward", "win_rate", "length_controlled_winrate", "policy_tokens"}
+        assert set(row) == {
+            "iteration",
+            "mean_reward",
+            "win_rate",
+            "length_controlled_winrate",
+            "policy_tokens",
+        }
         assert 0.0 <= row["win_rate"] <= 100.0
         assert row["policy_tokens"] > 0
     # spi-k searches W*K rows: it runs more policy tokens than plain sampling
     assert summary["systems"]["spi-1"]["policy_tokens"] > summary["systems"]["base-sampled"]["policy_tokens"]
     # the judge is not the reward model, and both are named
-    assert summary["judge"].startswith("length") and summary["reward_model"].startswith("hf-classifier:tiny-reward")
+    assert summary["judge"].startswith("length") and summary["reward_model"].startswith(
+        "hf-classifier:tiny-reward"
+    )
     assert all(state == "computed" for state in summary["stages"].values())
-    assert {"iteration-1/rollouts", "iteration-2/value", "eval/references", "eval/judge-spi-2"} <= set(summary["stages"])
+    assert {"iteration-1/rollouts", "iteration-2/value", "eval/references", "eval/judge-spi-2"} <= set(
+        summary["stages"]
+    )
 
 
 def test_mlflow_runs_metrics_and_artifacts(experiment):
@@ -45,22 +57,43 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     assert parent.data.tags[tracking.TAG_ROLE] == "experiment"
     assert parent.data.params["search.width"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "spi_win_rate")] == [1, 2]
-    assert {a.path for a in client.list_artifacts(run_id, "report")} >= {"report/" + Path(summary["report"]).name}
+    assert {a.path for a in client.list_artifacts(run_id, "report")} >= {
+        "report/" + Path(summary["report"]).name
+    }
 
     children = {(c["system"], c["iteration"]): c for c in tracking.child_runs(uri, run_id)}
     assert set(children) == {("base-sampled", 0), ("spi", 1), ("spi", 2)}
     spi1 = children[("spi", 1)]
-    for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "mean_reward", "policy_tokens",
-                "rollout_reward_mean", "rollout_reward_best_mean", "value_final_loss", "value_holdout_mse",
-                "seconds_rollouts", "seconds_labels", "seconds_value", "seconds_decode"):
+    for key in (
+        "win_rate",
+        "win_rate_ci_low",
+        "win_rate_ci_high",
+        "mean_reward",
+        "policy_tokens",
+        "rollout_reward_mean",
+        "rollout_reward_best_mean",
+        "value_final_loss",
+        "value_holdout_mse",
+        "seconds_rollouts",
+        "seconds_labels",
+        "seconds_value",
+        "seconds_decode",
+    ):
         assert key in spi1["metrics"], key
-    assert spi1["metrics"]["win_rate_ci_low"] <= spi1["metrics"]["win_rate"] <= spi1["metrics"]["win_rate_ci_high"]
+    assert (
+        spi1["metrics"]["win_rate_ci_low"]
+        <= spi1["metrics"]["win_rate"]
+        <= spi1["metrics"]["win_rate_ci_high"]
+    )
     assert spi1["metrics"]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
     names = {a.path for a in client.list_artifacts(spi1["run_id"])}
     assert {"generations", "judge_annotations", "rollouts", "labels", "value_model"} <= names
     assert "rollouts" not in {a.path for a in client.list_artifacts(children[("base-sampled", 0)]["run_id"])}
     run = client.get_run(spi1["run_id"])
-    assert run.data.tags["spi.judge"] == summary["judge"] and run.data.tags["spi.reward_model"] == summary["reward_model"]
+    assert (
+        run.data.tags["spi.judge"] == summary["judge"]
+        and run.data.tags["spi.reward_model"] == summary["reward_model"]
+    )
 
 
 def test_value_models_registered_and_round_trip(experiment, tmp_path):
@@ -80,7 +113,9 @@ def test_value_models_registered_and_round_trip(experiment, tmp_path):
     assert "spi.promotion" in get_version(uri, NAME, 2).tags
 
     folder = load_registered_value_model(NAME, "champion", uri, tmp_path / "dl")
-    original = next(p for p in (workdir / "tiny" / f"iteration-{champion.version}").glob("value-*") if p.is_dir())
+    original = next(
+        p for p in (workdir / "tiny" / f"iteration-{champion.version}").glob("value-*") if p.is_dir()
+    )
     policy = CausalLM.load("tiny-llama")
     sequences = [[1, 5, 9, 200, 17], [3, 4], [100, 101, 102, 103, 104, 105, 106]]
     pad = policy.tokenizer.pad_token_id
@@ -114,8 +149,11 @@ def test_prefect_artifacts(experiment):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
-            "tiny-iterations", "tiny-comparison", "tiny-report"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["tiny-iterations", "tiny-comparison", "tiny-report"])
+            )
+        )
     kinds = {a.key: a.type for a in arts}
     assert kinds == {"tiny-iterations": "table", "tiny-comparison": "table", "tiny-report": "markdown"}
 
@@ -132,8 +170,9 @@ def test_rerun_is_cached_and_resumes_the_same_parent_run(experiment, tmp_path):
     assert again["experiment_run_id"] == summary["experiment_run_id"]
     assert again["systems"] == summary["systems"]
     after = _mtimes(workdir / "tiny")
-    assert {k: v for k, v in after.items() if k in before and not k.startswith(("report-", "summary-"))} == \
-        {k: v for k, v in before.items() if not k.startswith(("report-", "summary-"))}
+    assert {k: v for k, v in after.items() if k in before and not k.startswith(("report-", "summary-"))} == {
+        k: v for k, v in before.items() if not k.startswith(("report-", "summary-"))
+    }
     client = tracking.client_for(summary["tracking_uri"])
     exp = client.get_experiment_by_name("tiny")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`spi.role` = 'experiment'")
@@ -148,14 +187,29 @@ def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path
     assert run_cli("run", TINY, "--workdir", workdir, "--set", "value.epochs=4", "--summary-json", out) == 0
     stages = json.loads(out.read_text())["stages"]
     assert stages["iteration-1/rollouts"] == "cached" and stages["iteration-1/labels"] == "cached"
-    for stage in ("iteration-1/value", "iteration-2/rollouts", "iteration-2/labels", "iteration-2/value",
-                  "eval/decode-spi-1", "eval/decode-spi-2", "eval/judge-spi-1", "eval/judge-spi-2"):
+    for stage in (
+        "iteration-1/value",
+        "iteration-2/rollouts",
+        "iteration-2/labels",
+        "iteration-2/value",
+        "eval/decode-spi-1",
+        "eval/decode-spi-2",
+        "eval/judge-spi-1",
+        "eval/judge-spi-2",
+    ):
         assert stages[stage] == "computed", stage
-    for stage in ("eval/eval-set", "eval/decode-base-greedy", "eval/references", "eval/decode-base-sampled",
-                  "eval/judge-base-sampled"):
+    for stage in (
+        "eval/eval-set",
+        "eval/decode-base-greedy",
+        "eval/references",
+        "eval/decode-base-sampled",
+        "eval/judge-base-sampled",
+    ):
         assert stages[stage] == "cached", stage
     after = _mtimes(workdir / "tiny")
-    assert all(after[k] == v for k, v in before.items() if k.startswith(("iteration-1/rollouts", "eval/base-")))
+    assert all(
+        after[k] == v for k, v in before.items() if k.startswith(("iteration-1/rollouts", "eval/base-"))
+    )
     # a different recipe digest is a new parent run in the same experiment
     assert json.loads(out.read_text())["experiment_run_id"] != summary["experiment_run_id"]
 
@@ -212,7 +266,9 @@ def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp
     path = next(p for p in (workdir / "tiny" / "eval").glob("base-sampled-*.json") if p.name.count(".") == 1)
     decoded = json.loads(path.read_text())
     outputs = tmp_path / "outputs.json"
-    outputs.write_text(json.dumps([{k: o[k] for k in ("instruction", "output", "generator")} for o in decoded["outputs"]]))
+    outputs.write_text(
+        json.dumps([{k: o[k] for k in ("instruction", "output", "generator")} for o in decoded["outputs"]])
+    )
     scored = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), outputs=str(outputs))
     assert scored["win_rate"] == pytest.approx(summary["systems"]["base-sampled"]["win_rate"])
     assert scored["version"] is None

@@ -15,15 +15,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_kill_mid_run_then_resume(prefect_harness, new_workdir, tmp_path, capsys):
     workdir = new_workdir
     env = {**os.environ, "PREFECT_API_URL": prefect_harness, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.commands", "run", str(TINY), "--workdir", str(workdir)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.commands", "run", str(TINY), "--workdir", str(workdir)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     iteration1 = workdir / "tiny" / "iteration-1"
     deadline = time.monotonic() + 400
     try:
@@ -74,7 +81,9 @@ def test_unknown_recipe_field(tmp_path, capsys):
 
 
 def test_unreachable_tracking_uri(tmp_path, capsys):
-    assert run_cli("run", TINY, "--workdir", tmp_path, "--set", "tracking.tracking_uri=http://127.0.0.1:9") == 2
+    assert (
+        run_cli("run", TINY, "--workdir", tmp_path, "--set", "tracking.tracking_uri=http://127.0.0.1:9") == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreachable" in err[0] and "127.0.0.1:9" in err[0]
 
