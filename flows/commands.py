@@ -107,7 +107,12 @@ def cmd_run(args) -> int:
         overrides = parse_overrides(args.overrides)
         recipe = load_recipe(args.recipe, overrides)
         from flows.experiment import Context
+        from flows.judging import check_independent, check_judge_available
 
+        check_judge_available(recipe.evaluation.judge)
+        check_independent(
+            recipe.evaluation.judge, recipe.model_dump(mode="json")["reward"], args.allow_reward_judge
+        )
         ctx = Context(recipe, args.workdir)
         client_for(ctx.tracking_uri)
         Store(ctx.store_url).close()

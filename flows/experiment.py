@@ -395,11 +395,14 @@ def spi_experiment(
     (e.g. {"search": {"width": 2}}); workdir: root for files, MLflow and the store (default
     execution.workdir); allow_reward_judge: permit judging with the training reward model.
     """
+    from flows.judging import check_independent, check_judge_available
     from mlflow_store import tracking
 
     log = get_run_logger()
     r = _load(recipe, overrides)
     ctx = Context(r, workdir, recipe, overrides)
+    check_judge_available(r.evaluation.judge)  # fail before hours of iterations, not after
+    check_independent(r.evaluation.judge, ctx.data["reward"], allow_reward_judge)
     log.info(
         "experiment %s (%s): %d iterations, baselines %s, judge %s; files in %s",
         r.name,

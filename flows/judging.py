@@ -89,6 +89,29 @@ def check_independent(spec: str, reward_config: dict, allow_same: bool = False) 
         )
 
 
+def check_judge_available(spec: str) -> None:
+    """Fail early (before any model loads) when a judge can be neither loaded nor trained."""
+    name, arg = split_spec(spec)
+    known = ("length", "reward-model", "trained", "reward", "llm", "alpaca_eval")
+    if name not in known:
+        raise JudgeSpecError(f"unknown judge '{spec}': use one of {', '.join(known)} (see flows/judging.py)")
+    if name == "trained" and not (Path(arg).expanduser() / "judge_head.json").is_file():
+        raise JudgeSpecError(f"judge '{spec}': {arg or '(empty)'} is not a trained judge folder")
+    if (
+        name == "reward-model"
+        and not (local_judge_folder(arg or DEFAULT_LOCAL_JUDGE) / "judge_head.json").is_file()
+    ):
+        from evaluation.leaderboard import default_data_dir
+
+        data = default_data_dir()
+        if not (data / "eval_set.jsonl").is_file() or not (data / "preferences").is_dir():
+            raise JudgeSpecError(
+                f"judge '{spec}' is not trained ({local_judge_folder(arg or DEFAULT_LOCAL_JUDGE)} has no "
+                f"judge_head.json) and no AlpacaEval preference data is at {data} (set SPI_ALPACA_DATA); "
+                "train it with the fit-local-judge flow, or set evaluation.judge=length"
+            )
+
+
 def ensure_local_judge(
     name: str = DEFAULT_LOCAL_JUDGE,
     data_dir: str | os.PathLike | None = None,

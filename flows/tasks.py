@@ -331,9 +331,18 @@ def store_rollouts_task(
                     "rollout_key": rollout_key(run_key, "rollout", iteration, pkey, i),
                 }
             )
+    # the value fit's dataset: these labelled rollouts, named by the digests of both files
+    dataset = {
+        "digest": digest_of([digest(rollouts), digest(labels)]),
+        "path": str(labels),
+        "run_key": run_key,
+        "iteration": iteration,
+        "n_examples": len(leaves),
+    }
     store = Store(store_url)
     try:
         n = store.add_prompts(prompts) + store.add_rollouts(leaves) + store.add_rewards(rewards)
+        n += store.add_value_datasets([dataset])
     finally:
         store.close()
     _logger().info("store: iteration %d, %d rollout leaves (%d new rows)", iteration, len(leaves), n)

@@ -135,6 +135,7 @@ def test_store_rows(experiment):
         # 2 iterations x 4 prompts x (W*K = 4) leaves, each with a reward
         assert store.count("rollouts") == 32
         assert store.count("rewards", reward_model=full["reward_model"]) == 32
+        assert store.count("value_datasets", run_key=f"tiny:{full['digest']}") == 2
         assert store.count("generations") == 3 * 6
         assert store.count("judgements", judge=full["judge"]) >= 6
         rows = {(r["system"], r["iteration"]): r for r in store.compare_runs(judge=full["judge"])}

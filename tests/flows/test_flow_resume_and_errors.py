@@ -100,6 +100,19 @@ def test_promote_unknown_registered_model(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists()  # nothing created by a failed look-up
 
 
+def test_judge_problems_fail_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPI_ALPACA_DATA", str(tmp_path / "no-data"))
+    assert (
+        run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=reward-model:minilm-bt") == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "minilm-bt" in err[0] and "SPI_ALPACA_DATA" in err[0]
+    assert run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=reward") == 2
+    assert "reward model the experiment was trained on" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
+
+
 def test_judge_equal_to_reward_model_is_refused(tmp_path, capsys):
     from flows.judging import JudgeSpecError, check_independent
 
