@@ -492,20 +492,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise ServiceError(
                 "--db and --prefect-db must name different databases (both keep an alembic_version table)"
             )
-        services = plan(cfg)
+        services, note = services_to_start(cfg)
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if note:
+        print(f"note: {note}")
     flags = {"prefect-server": "--prefect-port", "mlflow-server": "--mlflow-port", "serve": "--serve-port"}
-    if (
-        importlib.util.find_spec(cfg.deployments_module.split(".")[0]) is None
-        or _find_module(cfg.deployments_module) is None
-    ):
-        print(
-            f"note: {cfg.deployments_module} does not exist yet: starting the Prefect and MLflow servers "
-            f"without the serving process"
-        )
-        services = [s for s in services if s.name != "serve"]
     ports = [s.port for s in services]
     if len(set(ports)) != len(ports):
         print(
@@ -559,6 +552,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"to use them from a shell: export PREFECT_API_URL={cfg.prefect_api_url} MLFLOW_TRACKING_URI={cfg.mlflow_url}"
     )
     return 0
+
+
+def services_to_start(cfg: StackConfig) -> tuple[list[Service], str | None]:
+    """plan(cfg), less the serving process while its deployments module does not exist (with a note why)."""
+    services = plan(cfg)
+    if _find_module(cfg.deployments_module) is None:
+        note = (
+            f"{cfg.deployments_module} does not exist yet: starting the Prefect and MLflow servers "
+            f"without the serving process"
+        )
+        return [s for s in services if s.name != "serve"], note
+    return services, None
 
 
 def _find_module(name: str):

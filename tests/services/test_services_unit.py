@@ -59,6 +59,14 @@ def test_mlflow_tracking_and_registry_share_the_named_database(tmp_path):
     )
 
 
+def test_without_deployments_module_the_servers_start_alone(tmp_path):
+    services, note = S.services_to_start(_cfg(tmp_path, deployments_module="flows.no_such_deployments"))
+    assert [s.name for s in services] == ["prefect-server", "mlflow-server"]
+    assert "flows.no_such_deployments does not exist yet" in note
+    services, note = S.services_to_start(_cfg(tmp_path, deployments_module="standin_deployments"))
+    assert [s.name for s in services] == list(S.SERVICES) and note is None
+
+
 def test_database_urls(tmp_path):
     assert S.prefect_db_url(None, tmp_path) == f"sqlite+aiosqlite:///{tmp_path / 'prefect' / 'prefect.db'}"
     assert S.prefect_db_url("postgresql://u@h/p", tmp_path) == "postgresql+asyncpg://u@h/p"
