@@ -88,7 +88,10 @@ class Context:
                     f"{path} changed after it was written (digest {T.digest(path)}, recorded {result['digest']}); "
                     f"delete it and its .key file to recompute it"
                 )
-        self.stages[label] = "cached" if cached else ("computed" if result["computed"] else "reused")
+        # a stage asked for twice in one run (the reference generator's decode) keeps its first state
+        self.stages.setdefault(
+            label, "cached" if cached else ("computed" if result["computed"] else "reused")
+        )
         return result
 
 
@@ -227,8 +230,10 @@ def iteration_metrics(it: dict) -> dict:
 # --------------------------------------------------------------------------- evaluation stages
 
 
-def _prepare_eval(ctx: Context) -> dict:
-    """Eval set (with references: the user's, or written by the reference generator): its stage result."""
+def _prepare_eval(ctx: Context) -> tuple[dict, dict]:
+    """(eval set, eval set with references) stage results: the instructions every system answers
+    (decode keys depend on them only) and the references the judge compares with (the user's, or
+    written by ``evaluation.reference_generator``, whose decode is shared with that baseline)."""
     r = ctx.recipe
     ev = r.evaluation
     source = Path(ev.eval_set).expanduser()
@@ -244,7 +249,7 @@ def _prepare_eval(ctx: Context) -> dict:
         key=key,
     )
     if eval_set["has_references"]:
-        return eval_set
+        return eval_set, eval_set
     generator = ev.reference_generator
     if generator.startswith(VALUE_SYSTEMS_PREFIX) or generator == "blockwise-cd":
         raise ValueError(
@@ -252,7 +257,7 @@ def _prepare_eval(ctx: Context) -> dict:
         )
     generated = _decode(ctx, generator, [], eval_set)
     key = T.stage_key("references", generator, eval_set["digest"], generated["digest"])
-    return ctx.run_stage(
+    return eval_set, ctx.run_stage(
         "eval/references",
         T.references_task,
         eval_set=eval_set["path"],
@@ -479,13 +484,13 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         )
 
     # 2. evaluation: references, decode every system, judge
-    references = _prepare_eval(ctx)
+    eval_set, references = _prepare_eval(ctx)
     systems = [(name, None, value_dirs[:1] if name == "blockwise-cd" else []) for name in r.baselines.names]
     systems += [(f"spi-{k}", k, value_dirs[:k]) for k in range(1, r.iterations.count + 1)]
     rows, judged_by = [], None
     judged: dict[str, tuple[dict, dict]] = {}
     for name, k, dirs in systems:
-        decoded = _decode(ctx, name, dirs, references)
+        decoded = _decode(ctx, name, dirs, eval_set)
         judgement = _judge(ctx, name, references, decoded, allow_reward_judge)
         judged_by = judgement["judge"]
         judged[name] = (decoded, judgement)
@@ -606,7 +611,7 @@ def evaluate_value_model(
     r = _load(recipe, overrides)
     ctx = Context(r, workdir)
     name = registered_model or ctx.registered_model
-    references = _prepare_eval(ctx)
+    eval_set, references = _prepare_eval(ctx)
     rows = json.loads(Path(references["path"]).read_text())
     if outputs:
         from evaluation.data import read_model_outputs
@@ -643,7 +648,7 @@ def evaluate_value_model(
             name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}"
         )
         system = "spi-1"
-        decoded = _decode(ctx, system, [str(folder)], references)
+        decoded = _decode(ctx, system, [str(folder)], eval_set)
         label = f"{alias}-v{version}"
     judgement = _judge(ctx, label, references, decoded, allow_reward_judge)
     row = system_row(label, None, decoded, judgement)

@@ -21,8 +21,12 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_summary_json(experiment):
     workdir, summary, _ = experiment
     assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
-    assert set(summary["systems"]) == {"base-sampled", "spi-1", "spi-2"}
+    assert set(summary["systems"]) == {"base-greedy", "base-sampled", "spi-1", "spi-2"}
     assert summary["systems"]["base-sampled"]["iteration"] is None
+    # base-greedy wrote the references: judged against itself it ties, and its decode ran once
+    assert summary["systems"]["base-greedy"]["win_rate"] == pytest.approx(50.0)
+    decodes = [p for p in (workdir / "tiny" / "eval").glob("base-greedy-*.json") if p.name.count(".") == 1]
+    assert len(decodes) == 1
     assert summary["systems"]["spi-2"]["iteration"] == 2
     for row in summary["systems"].values():
         assert set(row) == {
@@ -62,7 +66,7 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     }
 
     children = {(c["system"], c["iteration"]): c for c in tracking.child_runs(uri, run_id)}
-    assert set(children) == {("base-sampled", 0), ("spi", 1), ("spi", 2)}
+    assert set(children) == {("base-greedy", 0), ("base-sampled", 0), ("spi", 1), ("spi", 2)}
     spi1 = children[("spi", 1)]
     for key in (
         "win_rate",
@@ -136,10 +140,10 @@ def test_store_rows(experiment):
         assert store.count("rollouts") == 32
         assert store.count("rewards", reward_model=full["reward_model"]) == 32
         assert store.count("value_datasets", run_key=f"tiny:{full['digest']}") == 2
-        assert store.count("generations") == 3 * 6
+        assert store.count("generations") == 4 * 6
         assert store.count("judgements", judge=full["judge"]) >= 6
         rows = {(r["system"], r["iteration"]): r for r in store.compare_runs(judge=full["judge"])}
-        assert set(rows) == {("base-sampled", 0), ("spi-1", 1), ("spi-2", 2)}
+        assert set(rows) == {("base-greedy", 0), ("base-sampled", 0), ("spi-1", 1), ("spi-2", 2)}
         assert rows[("spi-1", 1)]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
     finally:
         store.close()
@@ -178,7 +182,7 @@ def test_rerun_is_cached_and_resumes_the_same_parent_run(experiment, tmp_path):
     exp = client.get_experiment_by_name("tiny")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`spi.role` = 'experiment'")
     assert len(parents) == 1
-    assert len(tracking.child_runs(summary["tracking_uri"], summary["experiment_run_id"])) == 3
+    assert len(tracking.child_runs(summary["tracking_uri"], summary["experiment_run_id"])) == 4
 
 
 def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path):
