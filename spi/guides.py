@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from spi.compute import Compute
-from spi.incremental import IncrementalModel
+from spi.incremental import IncrementalModel, rowwise
 from spi.prompts import chat_prompt_ids
 
 
@@ -31,6 +31,10 @@ class Boundary:
 
 
 class Guide:
+    # Whether score() reads Boundary.last_logprob; the search skips a full-vocabulary log_softmax per
+    # step when no guide does. Unknown guides are assumed to read it.
+    needs_last_logprob = True
+
     def begin(self, instructions: list[str], prompt_ids: list[list[int]], rows_per_prompt: int, compute: Compute):
         self.instructions = [x for x in instructions for _ in range(rows_per_prompt)]
         self.compute = compute
@@ -43,16 +47,20 @@ class Guide:
 
 
 class HeadValueGuide(Guide):
+    needs_last_logprob = False
+
     def __init__(self, value_model):
         self.value_model = value_model
 
     def score(self, boundary):
         with self.compute.timed("value_forward"):
             self.compute.value_calls += len(boundary.responses)
-            return self.value_model.head_values(boundary.policy_hidden).float()
+            return rowwise(self.value_model.head_values, boundary.policy_hidden).float()
 
 
 class CachedValueGuide(Guide):
+    needs_last_logprob = False
+
     def __init__(self, value_model, pad_id: int):
         self.value_model, self.pad_id = value_model, pad_id
 
@@ -69,7 +77,7 @@ class CachedValueGuide(Guide):
         self.last = torch.where((count > 0)[:, None], chunk_last, self.last)
         with self.compute.timed("value_forward"):
             self.compute.value_calls += len(boundary.responses)
-            return self.value_model.head_values(self.last).float()
+            return rowwise(self.value_model.head_values, self.last).float()
 
     def reorder(self, index):
         super().reorder(index)
@@ -80,12 +88,14 @@ class CachedValueGuide(Guide):
 class ReencodeValueGuide(Guide):
     """Decode each row to text and run the value model on prompt + prefix from scratch."""
 
+    needs_last_logprob = False
+
     def __init__(self, value_model, policy_tokenizer):
         self.value_model, self.policy_tokenizer = value_model, policy_tokenizer
 
     def score(self, boundary):
         with self.compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(boundary.responses, skip_special_tokens=True)
+            texts = self.policy_tokenizer.batch_decode(list(boundary.responses), skip_special_tokens=True)
         tokenizer = self.value_model.tokenizer
         with self.compute.timed("text_decode"):
             inputs = [
@@ -101,6 +111,8 @@ class ReencodeValueGuide(Guide):
 
 class ImplicitRewardGuide(Guide):
     """Weak-to-strong search: sum over response tokens of log pi_tuned - log pi_untuned."""
+
+    needs_last_logprob = False
 
     def __init__(self, tuned_model, untuned_model, pad_id: int):
         self.models, self.pad_id = (tuned_model, untuned_model), pad_id
@@ -142,12 +154,14 @@ class ImplicitRewardGuide(Guide):
 class RewardGuide(Guide):
     """r(x, prefix) from a reward model on the decoded prefix (ARGS's per-token reward)."""
 
+    needs_last_logprob = False
+
     def __init__(self, reward_model, policy_tokenizer):
         self.reward_model, self.policy_tokenizer = reward_model, policy_tokenizer
 
     def score(self, boundary):
         with self.compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(boundary.responses, skip_special_tokens=True)
+            texts = self.policy_tokenizer.batch_decode(list(boundary.responses), skip_special_tokens=True)
         with self.compute.timed("reward_forward"):
             scores = self.reward_model.score(self.instructions, texts)
         self.compute.reward_calls += len(texts)
@@ -166,6 +180,10 @@ class WeightedGuide(Guide):
         if not parts:
             raise ValueError("a weighted guide needs at least one part")
         self.parts = parts
+
+    @property
+    def needs_last_logprob(self):
+        return any(getattr(guide, "needs_last_logprob", True) for guide, _ in self.parts)
 
     def begin(self, instructions, prompt_ids, rows_per_prompt, compute):
         for guide, _ in self.parts:

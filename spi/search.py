@@ -12,6 +12,7 @@ proposal="topk") with the guide log pi + w * r.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from spi.compute import Compute
 from spi.guides import Boundary, Guide
-from spi.incremental import IncrementalModel
+from spi.incremental import IncrementalModel, padded_width
 from spi.prompts import chat_prompt_ids
 from spi.sampling import row_uniforms, sample_tokens, topk_candidates
 
@@ -38,6 +39,7 @@ class SearchSettings:
     proposal: str = "sample"  # or "topk" (ARGS)
     final_pick: str = "reward"  # or "value"
     batch_prompts: int = 8
+    ignore_eos: bool = False  # mask EOS logits so every row runs max_new_tokens (fixed length, for benchmarks)
 
     @property
     def rows(self) -> int:
@@ -75,14 +77,26 @@ def search(policy, instructions: list[str], seeds: list[int], settings: SearchSe
     if settings.proposal == "topk" and settings.width != 1:
         raise ValueError("proposal='topk' (ARGS) needs width=1")
     output = SearchOutput([])
+    results: list[SearchResult | None] = [None] * len(instructions)
     bar = tqdm(total=len(instructions), desc="decode", unit="prompt", disable=not progress, leave=False)
-    for start in range(0, len(instructions), settings.batch_prompts):
-        chunk = slice(start, start + settings.batch_prompts)
-        output.results += _search_batch(policy, instructions[chunk], seeds[chunk], settings, guide,
-                                        reward_model, output.compute)
-        bar.update(len(instructions[chunk]))
+    for batch in _batches(policy.tokenizer, instructions, settings.batch_prompts):
+        batch_results = _search_batch(policy, [instructions[i] for i in batch], [seeds[i] for i in batch],
+                                      settings, guide, reward_model, output.compute)
+        for i, result in zip(batch, batch_results, strict=True):
+            results[i] = result
+        bar.update(len(batch))
     bar.close()
+    output.results = results
     return output
+
+
+def _batches(tokenizer, instructions: list[str], size: int) -> list[list[int]]:
+    """Indices of prompts decoded together: only prompts of equal padded width share a batch (so a
+    prompt's results do not depend on its batch), in input order within a width, at most ``size`` each."""
+    by_width: dict[int, list[int]] = {}
+    for i, x in enumerate(instructions):
+        by_width.setdefault(padded_width(len(chat_prompt_ids(tokenizer, x))), []).append(i)
+    return [group[s:s + size] for group in by_width.values() for s in range(0, len(group), size)]
 
 
 def _select(scores, responses, prompts, settings, seeds, boundary_no):
@@ -101,7 +115,7 @@ def _select(scores, responses, prompts, settings, seeds, boundary_no):
             order = torch.argsort(group_scores, descending=True, stable=True).tolist()
             seen, distinct, repeats = set(), [], []
             for i in order:
-                key = tuple(responses[group[i]])
+                key = tuple(responses[group[i]])  # rows arrive as tuples: tuple() is then a no-op
                 (repeats if key in seen else distinct).append(group[i])
                 seen.add(key)
             kept = (distinct + repeats)[:width]
@@ -133,25 +147,29 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     boundaries = [0] * len(prompts)
     changes = [0] * len(prompts)
     selects = settings.successors > 1 and settings.chunk_length is not None and guide is not None
+    needs_logprob = guide is not None and getattr(guide, "needs_last_logprob", True)
 
     def boundary(t):
         nonlocal scored_upto
         new = tokens[:, scored_upto:t + 1]
         position = torch.arange(scored_upto, t + 1)[None, :]
         scored_upto = t + 1
-        responses = [tokens[i, :lengths[i]].tolist() for i in range(n)]
-        return Boundary(new, position < lengths[:, None], responses, last_hidden, last_logprob)
+        # built only if a guide reads them (text-based guides); cache-based guides never do
+        return Boundary(new, position < lengths[:, None], LazyResponses(tokens, lengths), last_hidden, last_logprob)
 
     for t in range(steps):
         active = ~finished
         with compute.timed("sampling"):
+            if settings.ignore_eos:
+                logits[:, eos] = float("-inf")
             if settings.proposal == "topk":
                 slot = torch.arange(n) % settings.successors
                 chosen = topk_candidates(logits, settings.successors).gather(-1, slot[:, None]).squeeze(-1)
             else:
                 chosen = sample_tokens(logits, uniforms[:, t], settings.temperature, settings.top_k, settings.top_p)
             chosen = torch.where(active, chosen, pad)
-            last_logprob = torch.where(active, torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1), last_logprob)
+            if needs_logprob:  # only ARGS's TokenLogProbGuide reads it: skip a full-vocabulary log_softmax
+                last_logprob = torch.where(active, torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1), last_logprob)
         tokens[:, t] = chosen
         lengths += active.long()
         compute.generated_tokens += int(active.sum())
@@ -167,8 +185,8 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
         if selects and (t + 1) % settings.chunk_length == 0:
             scores = guide.score(boundary(t))
             with compute.timed("selection"):
-                index, changed = _select(scores, [tokens[i, :lengths[i]].tolist() for i in range(n)],
-                                         len(prompts), settings, seeds, t)
+                keys = _row_keys(tokens, lengths) if settings.selection == "diverse" else None
+                index, changed = _select(scores, keys, len(prompts), settings, seeds, t)
             for p, was_changed in enumerate(changed):
                 boundaries[p] += 1
                 changes[p] += int(was_changed)
@@ -179,7 +197,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
 
     values = guide.score(boundary(int(lengths.max()) - 1)) if guide is not None else torch.full((n,), float("nan"))
     with compute.timed("text_decode"):
-        response_ids = [_strip_eos(tokens[i, :lengths[i]].tolist(), policy.eos_ids) for i in range(n)]
+        response_ids = [_strip_eos(list(row), policy.eos_ids) for row in _row_keys(tokens, lengths)]
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     rewards = None
     if reward_model is not None and settings.final_pick == "reward" and rows > 1:
@@ -200,6 +218,38 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
                                     rewards[group] if rewards is not None else None, pick,
                                     boundaries[p], changes[p]))
     return results
+
+
+def _row_keys(tokens: torch.Tensor, lengths: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each row's response as a hashable tuple (one tolist for the whole batch, not one per row)."""
+    width = int(lengths.max()) if len(lengths) else 0
+    return [tuple(row[:length]) for row, length in zip(tokens[:, :width].tolist(), lengths.tolist(), strict=True)]
+
+
+class LazyResponses(Sequence):
+    """Rows' response token lists, materialised on first access (one tolist for all rows)."""
+
+    def __init__(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        self._tokens, self._lengths, self._rows = tokens, lengths, None
+
+    def _materialise(self) -> list[list[int]]:
+        if self._rows is None:
+            width = int(self._lengths.max()) if len(self._lengths) else 0
+            self._rows = [row[:length] for row, length in
+                          zip(self._tokens[:, :width].tolist(), self._lengths.tolist(), strict=True)]
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, i):
+        return self._materialise()[i]
+
+    def __iter__(self):
+        return iter(self._materialise())
+
+    def __eq__(self, other):
+        return list(self) == list(other)
 
 
 def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:

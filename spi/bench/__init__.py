@@ -1,0 +1,5 @@
+"""Benchmarks of the library: decoding arms side by side (``decode``), value fitting (``fit``).
+
+Plain functions returning JSON-ready dicts; the ``spi bench`` command (flows.bench) only parses
+arguments and prints. Nothing here imports prefect or mlflow.
+"""
