@@ -366,7 +366,7 @@ def stop(record: dict, timeout: float = 20.0) -> str:
         except psutil.Error:
             pass
     popen = record.get("_popen")
-    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    alive = _wait_gone(tree, timeout)
     if popen is not None:
         popen.poll()
     if not alive:
@@ -380,10 +380,29 @@ def stop(record: dict, timeout: float = 20.0) -> str:
         os.killpg(int(record["pgid"]), signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    psutil.wait_procs(alive, timeout=5)
+    _wait_gone(alive, 5)
     if popen is not None:
         popen.poll()
     return f"killed after {timeout:.0f} s"
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Wait until every process has exited; returns those still running. A zombie counts as gone: it
+    has exited and only waits for its parent (which may be a process other than us) to reap it."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- state file

@@ -165,13 +165,15 @@ def test_down_stops_exactly_what_up_started(stack):
         procs = [p for r in stack.state["services"].values() for p in _tree(r["pid"])]
         ports = [r["port"] for r in stack.state["services"].values()]
         assert len(procs) >= 3
+        serve = stack.state["services"]["serve"]  # a runner stopped while starting hangs until SIGKILL
+        time.sleep(max(0.0, RUNNER_SETTLE_S - (time.time() - serve["started_at"])))
         t0 = time.monotonic()
         down = services_cli("down", "--home", str(stack.home))
         print(f"spi down took {time.monotonic() - t0:.1f} s\n{down.stdout}")
         assert down.returncode == 0, down.stderr
-        assert down.stdout.count("stopped") + down.stdout.count("killed") == 3
+        assert down.stdout.count("stopped") == 3, down.stdout  # all three ended on SIGTERM
         _, alive = psutil.wait_procs(procs, timeout=10)
-        assert not alive, alive
+        assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), alive  # exited (this test started one)
         assert not (stack.home / "services.json").exists()
         assert not any(S.port_in_use(p) for p in ports)
         assert bystander.poll() is None  # not ours to stop
