@@ -59,6 +59,10 @@ SERVICE_ENV: dict[str, str] = {
 }
 
 
+# Every URL here is on 127.0.0.1: never send it through an HTTP(S)_PROXY from the environment.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class ServiceError(RuntimeError):
     """A service cannot be started, reached or stopped; the message says which and why."""
 
@@ -211,6 +215,9 @@ def service_environment(service: Service, base: dict[str, str] | None = None) ->
     for key, value in SERVICE_ENV.items():
         env.setdefault(key, value)
     env.update(service.env)
+    for key in ("NO_PROXY", "no_proxy"):  # the services talk to each other on loopback, never via a proxy
+        hosts = [h for h in env.get(key, "").split(",") if h]
+        env[key] = ",".join(hosts + [h for h in ("127.0.0.1", "localhost") if h not in hosts])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -312,7 +319,7 @@ def start(service: Service, log_path: Path, env: dict[str, str] | None = None) -
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with _LOCAL.open(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (OSError, ValueError):
         return False
@@ -446,14 +453,14 @@ def prefect_deployments(api_url: str, timeout: float = 5.0) -> list[dict]:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with _LOCAL.open(req, timeout=timeout) as resp:
         deployments = json.loads(resp.read())
     flows: dict[str, str] = {}
     if deployments:
         req = urllib.request.Request(
             f"{api_url}/flows/filter", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
         )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _LOCAL.open(req, timeout=timeout) as resp:
             flows = {f["id"]: f["name"] for f in json.loads(resp.read())}
     return [
         {
