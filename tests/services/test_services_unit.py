@@ -86,6 +86,9 @@ def test_offline_settings_are_defaults_the_user_can_override(tmp_path):
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"  # the service's own setting wins
     for key in set(S.SERVICE_ENV) - {"HF_HUB_OFFLINE"}:
         assert env[key] == S.SERVICE_ENV[key]
+    assert env["NO_PROXY"] == "127.0.0.1,localhost"  # loopback never goes through a proxy
+    env = S.service_environment(serve, base={"no_proxy": "corp.example"})
+    assert env["no_proxy"] == "corp.example,127.0.0.1,localhost"
     for key in (
         "PREFECT_SERVER_ANALYTICS_ENABLED",
         "DO_NOT_TRACK",
