@@ -117,7 +117,7 @@ def _sigmoid(z):
 
 
 LENGTH_BOOST = 30.0
-C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+C_GRID = (0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def _fit_bt(diff: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
