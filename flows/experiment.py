@@ -30,7 +30,12 @@ import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from flows import tasks as T
 from flows.judging import judge_fingerprint
@@ -451,6 +456,17 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
     slug = _slug(r.name)
 
     # 1. K iterations (subflows), store rows as each finishes
+    n_systems = len(r.baselines.names) + r.iterations.count
+    steps, done = r.iterations.count + n_systems + 1, 0
+    progress_id = create_progress_artifact(
+        0.0, key=f"{slug}-progress", description=f"{r.name}: iterations, then systems decoded and judged"
+    )
+
+    def advance():
+        nonlocal done
+        done += 1
+        update_progress_artifact(progress_id, 100.0 * done / steps)
+
     iterations, value_dirs = [], []
     for k in range(1, r.iterations.count + 1):
         it = spi_iteration.with_options(flow_run_name=f"{r.name}-iter{k}")(
@@ -462,6 +478,7 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         )
         iterations.append(it)
         ctx.stages.update(it["stages"])
+        advance()
         value_dirs.append(it["value"]["path"])
         T.store_rollouts_task(
             ctx.store_url, ctx.run_key, k, it["rollouts"]["path"], it["labels"]["path"], ctx.reward_name
@@ -494,6 +511,7 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         judgement = _judge(ctx, name, references, decoded, allow_reward_judge)
         judged_by = judgement["judge"]
         judged[name] = (decoded, judgement)
+        advance()
         rows.append(system_row(name, k, decoded, judgement))
         T.store_generations_task(
             ctx.store_url, ctx.run_key, name, k or 0, decoded["path"], judgement["path"], ctx.reward_name
@@ -547,6 +565,7 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         description=f"Systems of {r.name} judged by {judged_by}",
     )
     create_markdown_artifact(key=f"{slug}-report", markdown=markdown, description=f"SPI experiment {r.name}")
+    advance()
     summary = {
         "recipe": r.name,
         "digest": r.digest,

@@ -161,6 +161,12 @@ def test_prefect_artifacts(experiment):
         )
     kinds = {a.key: a.type for a in arts}
     assert kinds == {"tiny-iterations": "table", "tiny-comparison": "table", "tiny-report": "markdown"}
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-progress"]))
+        )
+    assert progress and all(a.type == "progress" for a in progress)
+    assert max(float(a.data) for a in progress) == 100.0
 
 
 def test_rerun_is_cached_and_resumes_the_same_parent_run(experiment, tmp_path):
