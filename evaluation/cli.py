@@ -167,6 +167,12 @@ def cmd_judge(args) -> int:
     return 0
 
 
+def add_commands(subparsers) -> None:
+    """Mount the evaluation subcommands under ``spi eval``."""
+    parser = subparsers.add_parser("eval", help="AlpacaEval 2.0 scoring, judges and leaderboards")
+    add_eval_commands(parser.add_subparsers(dest="eval_command", required=True))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spi eval", description=__doc__.splitlines()[0])
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
