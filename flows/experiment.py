@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -67,8 +68,10 @@ class Context:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dir = self.root / recipe.name
         self.results = self.root / ".prefect-results"
-        self.tracking_uri = recipe.tracking.tracking_uri or default_tracking_uri(self.root)
-        self.store_url = recipe.tracking.store_url or default_store_url(self.root)
+        # The recipe wins; then the services' environment (spi up, compose); then files in the workdir.
+        self.tracking_uri = (recipe.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                             or default_tracking_uri(self.root))
+        self.store_url = recipe.tracking.store_url or os.environ.get("SPI_STORE_URL") or default_store_url(self.root)
         self.experiment = recipe.tracking.experiment or recipe.name
         self.registered_model = recipe.tracking.registered_model or f"{recipe.name}-value"
         self.judge_cache = str(self.root / "judgements.sqlite")
