@@ -711,7 +711,7 @@ def fit_local_judge(
     refit: bool = False,
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
-    SPI_ALPACA_DATA) and save it where ``reward-model:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
+    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
     import shutil
 
     from flows.judging import ensure_local_judge, local_judge_folder

@@ -4,7 +4,7 @@ A recipe names its judge with a short spec; this module turns the spec into an
 ``evaluation.judges`` judge and scores outputs with it (no Prefect here; flows/tasks.py wraps it).
 
     length | length:SCALE          length-only baseline (the dummy for tests)
-    reward-model:NAME             a trained Bradley-Terry judge: NAME is a folder, or a judge
+    local:NAME                    a trained Bradley-Terry judge: NAME is a folder, or a judge
                                   saved under $SPI_CACHE_DIR/judges/NAME (``minilm-bt`` is trained
                                   there on first use when the AlpacaEval preference data is present)
     trained:FOLDER                a judge folder written by evaluation.trained_judge
@@ -50,7 +50,7 @@ def _folder_fingerprint(folder: Path) -> str:
 
 
 def local_judge_folder(name: str) -> Path:
-    """Folder of a ``reward-model:NAME`` / ``trained:FOLDER`` judge (may not exist yet)."""
+    """Folder of a ``local:NAME`` / ``trained:FOLDER`` judge (may not exist yet)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -60,7 +60,7 @@ def local_judge_folder(name: str) -> Path:
 def judge_fingerprint(spec: str, reward_config: dict | None = None) -> str:
     """What identifies the judge's answers, computed without loading it (for cache keys)."""
     name, arg = split_spec(spec)
-    if name in ("reward-model", "trained"):
+    if name in ("local", "trained"):
         folder = local_judge_folder(arg or DEFAULT_LOCAL_JUDGE)
         return f"{spec}@{_folder_fingerprint(folder) if folder.is_dir() else 'untrained'}"
     if name == "reward" and not arg:
@@ -85,20 +85,20 @@ def check_independent(spec: str, reward_config: dict, allow_same: bool = False) 
         raise JudgeSpecError(
             f"evaluation.judge '{spec}' is the reward model the experiment was trained on "
             f"({reward_config.get('kind')}:{reward_config.get('model')}); pick another judge "
-            "(e.g. reward-model:minilm-bt or length) or allow it explicitly and report it"
+            "(e.g. local:minilm-bt or length) or allow it explicitly and report it"
         )
 
 
 def check_judge_available(spec: str) -> None:
     """Fail early (before any model loads) when a judge can be neither loaded nor trained."""
     name, arg = split_spec(spec)
-    known = ("length", "reward-model", "trained", "reward", "llm", "alpaca_eval")
+    known = ("length", "local", "trained", "reward", "llm", "alpaca_eval")
     if name not in known:
         raise JudgeSpecError(f"unknown judge '{spec}': use one of {', '.join(known)} (see flows/judging.py)")
     if name == "trained" and not (Path(arg).expanduser() / "judge_head.json").is_file():
         raise JudgeSpecError(f"judge '{spec}': {arg or '(empty)'} is not a trained judge folder")
     if (
-        name == "reward-model"
+        name == "local"
         and not (local_judge_folder(arg or DEFAULT_LOCAL_JUDGE) / "judge_head.json").is_file()
     ):
         from evaluation.leaderboard import default_data_dir
@@ -164,7 +164,7 @@ def resolve_judge(spec: str, reward_config: dict | None = None):
     name, arg = split_spec(spec)
     if name == "length":
         return make_judge("length", **({"scale": float(arg)} if arg else {}))
-    if name == "reward-model":
+    if name == "local":
         folder = ensure_local_judge(arg or DEFAULT_LOCAL_JUDGE)
         from evaluation.trained_judge import default_embed_cache
 
@@ -187,7 +187,7 @@ def resolve_judge(spec: str, reward_config: dict | None = None):
     if name == "alpaca_eval":
         return make_judge("alpaca_eval", **({"annotators_config": arg} if arg else {}))
     raise JudgeSpecError(
-        f"unknown judge '{spec}': use length, reward-model:NAME, trained:FOLDER, reward[:KIND:MODEL], "
+        f"unknown judge '{spec}': use length, local:NAME, trained:FOLDER, reward[:KIND:MODEL], "
         "llm[:MODEL] or alpaca_eval[:CONFIG]"
     )
 

@@ -115,7 +115,7 @@ class EvaluationConfig(Section):
     eval_set: str = Field("builtin", description="'builtin', or an AlpacaEval JSON/JSONL file or folder")
     n_instructions: int | None = Field(32, ge=1)
     subset: Literal["first", "stratified"] = "first"
-    judge: str = Field("reward-model:minilm-bt", description="judge name; see evaluation.judges")
+    judge: str = Field("local:minilm-bt", description="judge spec; see flows/judging.py")
     reference_generator: str = Field("base-greedy", description="for the builtin set: who wrote the references")
 
 
@@ -130,6 +130,13 @@ class TrackingConfig(Section):
 class ExecutionConfig(Section):
     workdir: str = Field("runs", description="where stage outputs are written")
     threads: int | None = Field(None, ge=1, description="torch threads; null = torch's default")
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="sharded flows: Prefect's thread pool in the flow process, or Dask (prefect-dask)"
+    )
+    workers: int = Field(1, ge=1, description="thread: pool size; dask: LocalCluster workers when no dask_address")
+    dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    shard_prompts: int = Field(64, ge=1, description="prompts per shard (one Prefect task each)")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="generation backend of the shards")
 
 
 class Recipe(Section):
