@@ -56,7 +56,10 @@ def split(n_prompts: int, shard_prompts: int) -> list[Shard]:
     """Contiguous shards of at most ``shard_prompts`` prompt indices covering ``0..n_prompts-1``."""
     if n_prompts < 0 or shard_prompts < 1:
         raise ValueError(f"cannot split {n_prompts} prompts into shards of {shard_prompts}")
-    return [Shard(n, s, min(s + shard_prompts, n_prompts)) for n, s in enumerate(range(0, n_prompts, shard_prompts))]
+    return [
+        Shard(n, s, min(s + shard_prompts, n_prompts))
+        for n, s in enumerate(range(0, n_prompts, shard_prompts))
+    ]
 
 
 class MergeError(ValueError):
@@ -82,7 +85,9 @@ def _canonical(row: dict) -> str:
     return json.dumps(row, sort_keys=True)
 
 
-def merge_rows(parts: Iterable[Iterable[dict]], expected: int | Iterable[int], what: str = "rows") -> list[dict]:
+def merge_rows(
+    parts: Iterable[Iterable[dict]], expected: int | Iterable[int], what: str = "rows"
+) -> list[dict]:
     """Rows of every part, one per ``prompt_index``, in index order.
 
     ``expected``: the number of prompts (indices ``0..n-1``) or the indices themselves. Identical
@@ -106,14 +111,18 @@ def merge_rows(parts: Iterable[Iterable[dict]], expected: int | Iterable[int], w
                 by_key[i] = row
     problems = []
     if conflicts:
-        problems.append(f"conflicting duplicate rows for prompt indices {_ranges(conflicts)} "
-                        "(two shards computed different results for the same prompt)")
+        problems.append(
+            f"conflicting duplicate rows for prompt indices {_ranges(conflicts)} "
+            "(two shards computed different results for the same prompt)"
+        )
     if stray:
         problems.append(f"rows for prompt indices {_ranges(stray)} that this stage does not cover")
     missing = wanted - by_key.keys()
     if missing:
-        problems.append(f"no rows for {len(missing)} of {len(wanted)} prompts: prompt indices {_ranges(missing)} "
-                        "(a shard was lost; rerun the stage to recompute only the missing shards)")
+        problems.append(
+            f"no rows for {len(missing)} of {len(wanted)} prompts: prompt indices {_ranges(missing)} "
+            "(a shard was lost; rerun the stage to recompute only the missing shards)"
+        )
     if problems:
         raise MergeError(f"cannot merge {what}: " + "; ".join(problems))
     return [by_key[i] for i in sorted(by_key)]
@@ -158,7 +167,9 @@ class TransformersBackend:
     def search(self, policy, instructions, seeds, settings, guide=None, reward_model=None, progress=False):
         from spi.search import search
 
-        return search(policy, instructions, seeds, settings, guide, reward_model=reward_model, progress=progress)
+        return search(
+            policy, instructions, seeds, settings, guide, reward_model=reward_model, progress=progress
+        )
 
 
 class VLLMBackend:
@@ -176,15 +187,18 @@ class VLLMBackend:
     def __init__(self, require_gpu: bool = True):
         problem = vllm_unavailable_reason(require_gpu)
         if problem:
-            raise BackendUnavailable(f"execution.backend 'vllm' cannot run here: {problem}; "
-                                     "use execution.backend 'transformers' or run the shards on a GPU worker "
-                                     "whose image has vLLM (pip install vllm)")
+            raise BackendUnavailable(
+                f"execution.backend 'vllm' cannot run here: {problem}; "
+                "use execution.backend 'transformers' or run the shards on a GPU worker "
+                "whose image has vLLM (pip install vllm)"
+            )
         self.engine_kwargs = {"enable_prefix_caching": True}
 
     def search(self, policy, instructions, seeds, settings, guide=None, reward_model=None, progress=False):
         raise NotImplementedError(
             "chunk-level guided search on vLLM is not implemented yet; execution.backend 'transformers' "
-            "runs the same recipe")
+            "runs the same recipe"
+        )
 
 
 def vllm_unavailable_reason(require_gpu: bool = True) -> str | None:
@@ -212,7 +226,9 @@ def backend_for(recipe):
 # --------------------------------------------------------------------------- shard stages
 
 
-def rollout_shard(recipe, iteration: int, value_dirs: list[Path], indices: Sequence[int], out: Path, key: str) -> Path:
+def rollout_shard(
+    recipe, iteration: int, value_dirs: list[Path], indices: Sequence[int], out: Path, key: str
+) -> Path:
     """The rows of ``spi.pipeline.generate_rollouts`` for the prompts ``indices`` of the iteration's slice
     (same seeds, same record format), written to ``out`` with ``out.compute.json`` beside it."""
     from spi import pipeline
@@ -232,10 +248,18 @@ def rollout_shard(recipe, iteration: int, value_dirs: list[Path], indices: Seque
     result = backend_for(recipe).search(policy, xs, seeds, settings, guide, reward_model=None)
     rows = []
     for i, instruction, r in zip(indices, xs, result.results, strict=True):
-        leaves = [{"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
-                  for text, ids in zip(r.responses, r.response_ids, strict=True)]
-        rows.append({"prompt_index": i, "instruction": instruction,
-                     "prompt_ids": chat_prompt_ids(policy.tokenizer, instruction), "leaves": leaves})
+        leaves = [
+            {"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
+            for text, ids in zip(r.responses, r.response_ids, strict=True)
+        ]
+        rows.append(
+            {
+                "prompt_index": i,
+                "instruction": instruction,
+                "prompt_ids": chat_prompt_ids(policy.tokenizer, instruction),
+                "leaves": leaves,
+            }
+        )
     write_jsonl(out, rows)
     pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
     pipeline._mark_done(out, key)
@@ -249,8 +273,17 @@ def label_shard(recipe, rollouts: Path, out: Path) -> Path:
     return pipeline.label_rollouts(recipe, Path(rollouts), Path(out))
 
 
-def decode_shard(recipe, system: str, value_dirs: list[Path], instructions: Sequence[str], indices: Sequence[int],
-                 out: Path, key: str, datasets: Sequence | None = None, w2s_models=None) -> Path:
+def decode_shard(
+    recipe,
+    system: str,
+    value_dirs: list[Path],
+    instructions: Sequence[str],
+    indices: Sequence[int],
+    out: Path,
+    key: str,
+    datasets: Sequence | None = None,
+    w2s_models=None,
+) -> Path:
     """The outputs of ``spi.pipeline.decode_system`` for the instructions ``indices`` (same seeds), one
     JSONL row per prompt with its prompt_index, boundaries and beam changes; compute beside it."""
     from spi import pipeline
@@ -262,7 +295,9 @@ def decode_shard(recipe, system: str, value_dirs: list[Path], instructions: Sequ
         return out
     reward = pipeline.load_reward_model(recipe)
     policy = pipeline.load_policy(recipe)
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
+    settings, guide = system_plan(
+        system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models
+    )
     xs = [instructions[i] for i in indices]
     seeds = [pipeline.seed_for(recipe.seed, "eval", i) for i in indices]
     result = backend_for(recipe).search(policy, xs, seeds, settings, guide, reward_model=reward)
@@ -270,12 +305,23 @@ def decode_shard(recipe, system: str, value_dirs: list[Path], instructions: Sequ
     known = [r.leaf_rewards[r.chosen] if r.leaf_rewards else None for r in result.results]
     missing = [j for j, k in enumerate(known) if k is None]
     if missing:  # as decode_system: score answers the search did not score (evaluation cost)
-        for j, s in zip(missing, reward.score([xs[j] for j in missing], [answers[j] for j in missing]), strict=True):
+        for j, s in zip(
+            missing, reward.score([xs[j] for j in missing], [answers[j] for j in missing]), strict=True
+        ):
             known[j] = s
-    rows = [{"prompt_index": i, "instruction": x, "output": y, "generator": system,
-             "dataset": datasets[i] if datasets else None, "reward": k,
-             "boundaries": r.boundaries, "beam_changes": r.beam_changes}
-            for i, x, y, k, r in zip(indices, xs, answers, known, result.results, strict=True)]
+    rows = [
+        {
+            "prompt_index": i,
+            "instruction": x,
+            "output": y,
+            "generator": system,
+            "dataset": datasets[i] if datasets else None,
+            "reward": k,
+            "boundaries": r.boundaries,
+            "beam_changes": r.beam_changes,
+        }
+        for i, x, y, k, r in zip(indices, xs, answers, known, result.results, strict=True)
+    ]
     write_jsonl(out, rows)
     pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
     pipeline._mark_done(out, key)
@@ -287,7 +333,9 @@ def decode_payload(system: str, rows: Sequence[dict], compute: dict) -> dict:
     outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset", "reward")} for r in rows]
     rewards = [r["reward"] for r in rows]
     return {
-        "system": system, "outputs": outputs, "compute": compute,
+        "system": system,
+        "outputs": outputs,
+        "compute": compute,
         "mean_reward": sum(rewards) / len(rewards),
         "boundaries": sum(r["boundaries"] for r in rows),
         "beam_changes": sum(r["beam_changes"] for r in rows),
