@@ -211,3 +211,19 @@ def add_commands(subparsers) -> None:
     w.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     w.add_argument("--out", default=None)
     w.set_defaults(func=cmd_flow)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.bench decode ...`: the same commands without the rest of the `spi` command."""
+    import argparse
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="spi")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

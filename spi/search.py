@@ -8,6 +8,10 @@ cache reordered to match), until every row has ended. The answer is the leaf wit
 Special cases are settings, not code: plain sampling is (W=1, K=1); Best-of-N is (W=1, K=N, L=None,
 final pick by reward); blockwise controlled decoding is (W=1, K, L); ARGS is (W=1, K=k, L=1,
 proposal="topk") with the guide log pi + w * r.
+
+Results do not depend on batch composition, bit for bit in float32: prompts share a batch only with prompts
+of the same padded width (``spi.incremental.padded_width``) and row counts are padded to whole blocks of
+the matrix-multiply kernel, so every row computes the same floats alone or in a batch of any size/order.
 """
 
 from __future__ import annotations
