@@ -66,7 +66,7 @@ def system_plan(name: str, recipe, policy, value_models=(), reward_model=None, w
     if name == "weak-to-strong":
         if not w2s_models:
             raise ValueError("weak-to-strong needs baselines.weak_to_strong_tuned and _untuned models")
-        tuned, untuned = w2s_models
+        tuned, untuned = (getattr(m, "model", m) for m in w2s_models)  # CausalLM or a bare HF model
         return base, ImplicitRewardGuide(tuned, untuned, policy.tokenizer.pad_token_id)
     if name == "args":
         if reward_model is None:

@@ -50,6 +50,22 @@ def test_tiny_experiment_writes_every_stage_and_resumes(tmp_path):
     assert value_file.stat().st_mtime_ns != mtimes[value_file]
 
 
+def test_weak_to_strong_and_args_baselines_decode(tmp_path):
+    from spi.models import CausalLM
+    from spi.pipeline import decode_system
+
+    recipe = _tiny_recipe(tmp_path, {"baselines": {"args_top_k": 3}, "sampling": {"max_new_tokens": 6}})
+    prompts = heldout_instructions(recipe, 2)
+    pair = (CausalLM.load("tiny-llama"), CausalLM.load("tiny-llama-b"))
+    w2s = json.loads(decode_system(recipe, "weak-to-strong", [], prompts, tmp_path / "w2s.json",
+                                   w2s_models=pair, progress=False).read_text())
+    assert w2s["compute"]["value_tokens"] > 0 and w2s["boundaries"] > 0
+    args = json.loads(decode_system(recipe, "args", [], prompts, tmp_path / "args.json", progress=False).read_text())
+    # ARGS scores every candidate prefix with the reward model at every token
+    assert args["compute"]["reward_calls"] >= 2 * 3 * 3
+    assert len(args["outputs"]) == 2 and all(isinstance(o["output"], str) for o in args["outputs"])
+
+
 def test_corrupt_rollout_file_is_named(tmp_path):
     recipe = _tiny_recipe(tmp_path)
     out = generate_rollouts(recipe, 1, [], tmp_path / "rollouts.jsonl", progress=False)
