@@ -1,0 +1,595 @@
+"""Sharded SPI stages on a distributed Prefect task runner (Dask via prefect-dask).
+
+    distributed_iteration  iteration k: rollouts and labels sharded by prompt, merged by prompt index,
+                           then V_k fitted as ONE task (on a worker, which may hold several devices)
+    distributed_decode     one system answers an eval set, sharded by prompt, merged by prompt index
+    distributed_run        K iterations, then every system decoded: one task runner (one cluster)
+
+A recipe goes distributed by its ``execution`` section only::
+
+    execution: {task_runner: dask, workers: 2, shard_prompts: 64}             # LocalCluster of 2 workers
+    execution: {task_runner: dask, dask_address: "tcp://10.0.0.5:8786"}      # an existing scheduler
+    execution: {task_runner: thread, workers: 1}                              # in-process (default)
+
+Every shard writes its own file under ``<workdir>/<recipe>/.../shards/`` (atomic write, ``.key``
+sidecar, skipped when done), so a shard lost with a worker is recomputed by Dask on another worker (or
+by a rerun of the flow) and a repeated shard rewrites identical rows. The merge (``spi.sharding``)
+refuses gaps and conflicting duplicates. Workers must see the work directory at the same path
+(a shared filesystem) and reach the Prefect API (``PREFECT_API_URL``). See docs/distributed.md.
+
+Benchmark: ``python -m flows.distributed bench --prompts 16 --workers 1 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import tasks as T
+from spi import pipeline, sharding
+from spi.config import ExecutionConfig, Recipe, digest_of, load_recipe, parse_recipe
+
+SHARD_ROUNDS = 2  # a shard whose task failed is submitted once more before the merge names it missing
+
+
+# --------------------------------------------------------------------------- task runner from the recipe
+
+
+def local_cluster_kwargs(workers: int) -> dict:
+    """A LocalCluster bound to loopback: one single-threaded worker process per slot, no dashboards."""
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "worker_dashboard_address": None,
+        "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    }
+
+
+def task_runner_for(execution: ExecutionConfig):
+    """The Prefect task runner named by a recipe's execution section."""
+    if execution.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=execution.workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "execution.task_runner 'dask' needs prefect-dask: pip install prefect-dask==0.3.7"
+        ) from err
+    if execution.dask_address:
+        return DaskTaskRunner(address=execution.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(execution.workers)
+    )
+
+
+# --------------------------------------------------------------------------- shard tasks (run on workers)
+
+
+def _recipe(data: dict) -> Recipe:
+    r = parse_recipe(data, source="shard recipe")
+    if r.execution.threads:
+        import torch
+
+        torch.set_num_threads(r.execution.threads)
+    return r
+
+
+@task(name="rollout-shard", cache_policy=NO_CACHE, task_run_name="rollouts-iter{iteration}-{name}")
+def rollout_shard_task(
+    recipe: dict, iteration: int, value_dirs: list[str], name: str, indices: list[int], out: str, key: str
+) -> str:
+    r = _recipe(recipe)
+    return str(sharding.rollout_shard(r, iteration, [Path(d) for d in value_dirs], indices, Path(out), key))
+
+
+@task(name="label-shard", cache_policy=NO_CACHE, task_run_name="labels-iter{iteration}-{name}")
+def label_shard_task(recipe: dict, iteration: int, name: str, rollouts: str, out: str) -> str:
+    return str(sharding.label_shard(_recipe(recipe), Path(rollouts), Path(out)))
+
+
+@task(name="decode-shard", cache_policy=NO_CACHE, task_run_name="decode-{system}-{name}")
+def decode_shard_task(
+    recipe: dict,
+    system: str,
+    value_dirs: list[str],
+    eval_set: str,
+    name: str,
+    indices: list[int],
+    out: str,
+    key: str,
+) -> str:
+    r = _recipe(recipe)
+    rows = json.loads(Path(eval_set).read_text())
+    w2s = None
+    if system == "weak-to-strong":
+        from spi.models import CausalLM
+
+        w2s = (
+            CausalLM.load(r.baselines.weak_to_strong_tuned),
+            CausalLM.load(r.baselines.weak_to_strong_untuned),
+        )
+    return str(
+        sharding.decode_shard(
+            r,
+            system,
+            [Path(d) for d in value_dirs],
+            [e["instruction"] for e in rows],
+            indices,
+            Path(out),
+            key,
+            [e.get("dataset") for e in rows],
+            w2s,
+        )
+    )
+
+
+def run_shards(submit, shards: list[sharding.Shard], what: str) -> dict[int, str]:
+    """Submit one task per shard (``submit(shard) -> future``), wait for all, resubmit the failed ones
+    (up to ``SHARD_ROUNDS`` rounds); shard number -> output path of those that finished."""
+    log = get_run_logger()
+    done: dict[int, str] = {}
+    todo = list(shards)
+    for round_no in range(1, SHARD_ROUNDS + 1):
+        futures = {s.number: submit(s) for s in todo}
+        failed = []
+        for s in todo:
+            try:
+                done[s.number] = futures[s.number].result()
+            except Exception as err:  # noqa: BLE001 - a lost worker or a failed shard: retried, then named
+                log.warning(
+                    "%s %s failed in round %d: %s", what, s.name, round_no, f"{type(err).__name__}: {err}"
+                )
+                failed.append(s)
+        if not failed:
+            break
+        todo = failed
+    return done
+
+
+# --------------------------------------------------------------------------- stage bodies (in the flow)
+
+
+class Layout:
+    """Where a recipe's sharded outputs live: the same folders as flows.experiment, a shards/ subfolder."""
+
+    def __init__(self, recipe: Recipe, workdir: str | None):
+        self.recipe = recipe
+        self.data = recipe.model_dump(mode="json")
+        self.root = Path(workdir or recipe.execution.workdir).expanduser().resolve()
+        self.dir = self.root / recipe.name
+        self.results = self.root / ".prefect-results"
+
+
+def _stage(stage: str, out: Path, key: str, seconds: float, computed: bool, **extra) -> dict:
+    return {
+        "stage": stage,
+        "path": str(out),
+        "digest": T.digest(out),
+        "key": key,
+        "seconds": seconds,
+        "computed": computed,
+        **extra,
+    }
+
+
+def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
+    r, t0 = lay.recipe, time.perf_counter()
+    n = r.iterations.prompts_per_iteration
+    shards = sharding.split(n, r.execution.shard_prompts)
+    base = digest_of(
+        [
+            T.code_version(),
+            sharding.SHARD_VERSION,
+            "rollouts",
+            r.section_digest("policy", "sampling", "search", "prompts", "iterations", "reward"),
+            r.seed,
+            k,
+            [T.digest(d) for d in value_dirs],
+        ]
+    )
+    folder = lay.dir / f"iteration-{k}" / "shards"
+
+    def submit(s: sharding.Shard):
+        key = digest_of([base, s.indices])
+        return rollout_shard_task.submit(
+            recipe=lay.data,
+            iteration=k,
+            value_dirs=value_dirs,
+            name=s.name,
+            indices=s.indices,
+            out=str(folder / f"rollouts-{s.name}-{key}.jsonl"),
+            key=key,
+        )
+
+    paths = run_shards(submit, shards, f"iteration {k} rollouts")
+    key = digest_of([base, n, r.execution.shard_prompts])
+    out = lay.dir / f"iteration-{k}" / f"rollouts-sharded-{key}.jsonl"
+    computed = not pipeline.is_done(out, key)
+    if computed:
+        sharding.merge_jsonl([Path(p) for p in paths.values()], n, out, f"iteration {k} rollouts")
+        compute = sharding.merge_compute(
+            json.loads(Path(p).with_suffix(".compute.json").read_text()) for p in paths.values()
+        )
+        pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
+        pipeline._mark_done(out, key)
+    compute = json.loads(out.with_suffix(".compute.json").read_text())
+    return _stage(
+        "rollouts",
+        out,
+        key,
+        time.perf_counter() - t0,
+        computed,
+        n_prompts=n,
+        shards=len(shards),
+        compute=compute,
+        shard_paths=[paths[s] for s in sorted(paths)],
+    )
+
+
+def sharded_labels(lay: Layout, k: int, rollouts: dict) -> dict:
+    r, t0 = lay.recipe, time.perf_counter()
+    n = rollouts["n_prompts"]
+    shards = sharding.split(n, r.execution.shard_prompts)
+    by_number = dict(zip(sorted(s.number for s in shards), rollouts["shard_paths"], strict=True))
+    folder = lay.dir / f"iteration-{k}" / "shards"
+
+    def submit(s: sharding.Shard):
+        src = Path(by_number[s.number])
+        return label_shard_task.submit(
+            recipe=lay.data,
+            iteration=k,
+            name=s.name,
+            rollouts=str(src),
+            out=str(folder / src.name.replace("rollouts-", "labels-", 1)),
+        )
+
+    leaves = r.search.width * r.search.successors
+    if (r.execution.shard_prompts * leaves) % r.reward.batch_size:
+        get_run_logger().warning(
+            "labels: a shard of %d prompts has %d leaves, not a multiple of reward.batch_size %d: the reward "
+            "model pads other batches than the unsharded stage, so rewards may differ from it in the last "
+            "float digits (shards are still identical across worker counts)",
+            r.execution.shard_prompts,
+            r.execution.shard_prompts * leaves,
+            r.reward.batch_size,
+        )
+    paths = run_shards(submit, shards, f"iteration {k} labels")
+    key = T.stage_key("labels-sharded", r.section_digest("reward"), rollouts["digest"])
+    out = lay.dir / f"iteration-{k}" / f"labels-sharded-{key}.jsonl"
+    computed = not pipeline.is_done(out, key)
+    if computed:
+        sharding.merge_jsonl([Path(p) for p in paths.values()], n, out, f"iteration {k} labels")
+        pipeline._mark_done(out, key)
+    labels = pipeline.read_jsonl(out)
+    leaf = [x for row in labels for x in row["rewards"]]
+    best = [row["rewards"][row["best"]] for row in labels]
+    mean = sum(leaf) / len(leaf)
+    stats = {
+        "reward_mean": mean,
+        "reward_std": (sum((x - mean) ** 2 for x in leaf) / len(leaf)) ** 0.5,
+        "reward_best_mean": sum(best) / len(best),
+        "reward_min": min(leaf),
+        "reward_max": max(leaf),
+    }
+    return _stage("labels", out, key, time.perf_counter() - t0, computed, stats=stats)
+
+
+def iteration_body(lay: Layout, k: int, value_dirs: list[str]) -> dict:
+    """Sharded rollouts -> sharded labels -> V_k fitted by ONE task (flows.tasks.value_fit_task)."""
+    r, log = lay.recipe, get_run_logger()
+    if len(value_dirs) != k - 1:
+        raise ValueError(
+            f"iteration {k} needs the {k - 1} value models of the earlier iterations, got {len(value_dirs)}"
+        )
+    rollouts = sharded_rollouts(lay, k, value_dirs)
+    log.info("iteration %d: %d rollout rows from %d shards", k, rollouts["n_prompts"], rollouts["shards"])
+    labels = sharded_labels(lay, k, rollouts)
+    key = T.stage_key(
+        "value", r.section_digest("policy", "value"), r.seed, k, rollouts["digest"], labels["digest"]
+    )
+    value = (
+        T.value_fit_task.with_options(result_storage=lay.results)
+        .submit(
+            recipe=lay.data,
+            iteration=k,
+            rollouts=rollouts["path"],
+            labels=labels["path"],
+            out=str(lay.dir / f"iteration-{k}" / f"value-{key}"),
+            key=key,
+        )
+        .result()
+    )
+    return {"iteration": k, "rollouts": rollouts, "labels": labels, "value": value}
+
+
+def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) -> dict:
+    r, t0 = lay.recipe, time.perf_counter()
+    n = len(json.loads(Path(eval_set).read_text()))
+    shards = sharding.split(n, r.execution.shard_prompts)
+    base = digest_of(
+        [
+            T.code_version(),
+            sharding.SHARD_VERSION,
+            "decode",
+            system,
+            r.section_digest("policy", "sampling", "search", "baselines", "iterations", "reward"),
+            r.seed,
+            T.digest(eval_set),
+            [T.digest(d) for d in value_dirs],
+        ]
+    )
+    folder = lay.dir / "eval" / "shards"
+
+    def submit(s: sharding.Shard):
+        key = digest_of([base, s.indices])
+        return decode_shard_task.submit(
+            recipe=lay.data,
+            system=system,
+            value_dirs=value_dirs,
+            eval_set=eval_set,
+            name=s.name,
+            indices=s.indices,
+            out=str(folder / f"{system}-{s.name}-{key}.jsonl"),
+            key=key,
+        )
+
+    paths = run_shards(submit, shards, f"decode {system}")
+    key = digest_of([base, n, r.execution.shard_prompts])
+    out = lay.dir / "eval" / f"{system}-sharded-{key}.json"
+    computed = not pipeline.is_done(out, key)
+    if computed:
+        files = [Path(p) for p in paths.values()]
+        rows = sharding.merge_rows((pipeline.read_jsonl(p) for p in files), n, f"decode {system}")
+        compute = sharding.merge_compute(
+            json.loads(p.with_suffix(".compute.json").read_text()) for p in files
+        )
+        pipeline._write_atomic(out, json.dumps(sharding.decode_payload(system, rows, compute), indent=2))
+        pipeline._mark_done(out, key)
+    data = json.loads(out.read_text())
+    return _stage(
+        "decode",
+        out,
+        key,
+        time.perf_counter() - t0,
+        computed,
+        system=system,
+        shards=len(shards),
+        mean_reward=data["mean_reward"],
+        compute=data["compute"],
+    )
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="spi-distributed-iteration", persist_result=False)
+def distributed_iteration(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    iteration: int = 1,
+    value_dirs: list[str] | None = None,
+    workdir: str | None = None,
+) -> dict:
+    """Iteration k with rollouts and labels sharded by prompt on the recipe's task runner."""
+    return iteration_body(
+        Layout(load_recipe(recipe, overrides or None), workdir), iteration, list(value_dirs or [])
+    )
+
+
+@flow(name="spi-distributed-decode", persist_result=False)
+def distributed_decode(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    system: str = "base-sampled",
+    value_dirs: list[str] | None = None,
+    eval_set: str = "",
+    workdir: str | None = None,
+) -> dict:
+    """One system answers ``eval_set`` (JSON rows with 'instruction', as flows.tasks.eval_set_task writes)."""
+    return decode_body(
+        Layout(load_recipe(recipe, overrides or None), workdir), system, list(value_dirs or []), eval_set
+    )
+
+
+@flow(name="spi-distributed-run", persist_result=False)
+def distributed_run(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    eval_set: str = "",
+    systems: list[str] | None = None,
+    workdir: str | None = None,
+) -> dict:
+    """K sharded iterations, then each system (default spi-1..spi-K) decodes ``eval_set``, sharded."""
+    lay = Layout(load_recipe(recipe, overrides or None), workdir)
+    r, value_dirs, iterations = lay.recipe, [], []
+    for k in range(1, r.iterations.count + 1):
+        it = iteration_body(lay, k, list(value_dirs))
+        iterations.append(it)
+        value_dirs.append(it["value"]["path"])
+    decoded = {}
+    for system in systems or [f"spi-{k}" for k in range(1, r.iterations.count + 1)]:
+        k = int(system.split("-")[1]) if system.startswith("spi-") else (1 if system == "blockwise-cd" else 0)
+        decoded[system] = decode_body(lay, system, value_dirs[:k], eval_set)
+    return {"iterations": iterations, "decoded": decoded}
+
+
+def with_runner(flow_obj, recipe: str, overrides: dict | None = None):
+    """``flow_obj`` on the task runner the recipe's execution section names (call it with the flow's
+    parameters): ``with_runner(distributed_run, "r.yaml")(recipe="r.yaml", eval_set=...)``."""
+    r = load_recipe(recipe, overrides or None)
+    return flow_obj.with_options(task_runner=task_runner_for(r.execution))
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def write_eval_set(path: Path, instructions: list[str]) -> str:
+    rows = [{"index": i, "instruction": x, "dataset": "bench"} for i, x in enumerate(instructions)]
+    pipeline._write_atomic(Path(path), json.dumps(rows))
+    return str(path)
+
+
+def bench(
+    recipe: str = "tests/flows/tiny.yaml",
+    prompts: int = 16,
+    workers: tuple[int, ...] = (1, 2),
+    shard_prompts: int = 2,
+    max_new_tokens: int = 32,
+    workdir: str | None = None,
+) -> list[dict]:
+    """Sharded iteration-1 rollouts (pi_0 sampling, W*K leaves per prompt) on a LocalCluster of each
+    size in ``workers``, the same work each time, fresh files; throughput excludes cluster start-up
+    and a warm-up shard per worker that loads the models. Returns one row per cluster size."""
+    import tempfile
+
+    from distributed import Client, LocalCluster
+
+    rows = []
+    root = Path(workdir or tempfile.mkdtemp(prefix="spi-bench-"))
+    overrides = {
+        "iterations": {"prompts_per_iteration": prompts},
+        "sampling": {"max_new_tokens": max_new_tokens},
+        "execution": {"task_runner": "dask", "shard_prompts": shard_prompts, "threads": 1},
+    }
+    for n in workers:
+        t_start = time.perf_counter()
+        with LocalCluster(**local_cluster_kwargs(n)) as cluster, Client(cluster) as client:
+            startup = time.perf_counter() - t_start
+            # warm-up: every worker loads the policy once (not part of the measured work)
+            warm = {
+                **overrides,
+                "iterations": {"prompts_per_iteration": n},
+                "execution": {
+                    **overrides["execution"],
+                    "shard_prompts": 1,
+                    "dask_address": cluster.scheduler_address,
+                },
+            }
+            wr = load_recipe(recipe, warm)
+            client.run(_warm, wr.model_dump(mode="json"))
+            over = {
+                **overrides,
+                "execution": {**overrides["execution"], "dask_address": cluster.scheduler_address},
+            }
+            r = load_recipe(recipe, over)
+            t0 = time.perf_counter()
+            out = distributed_iteration_rollouts.with_options(task_runner=task_runner_for(r.execution))(
+                recipe=recipe, overrides=over, workdir=str(root / f"workers-{n}")
+            )
+            seconds = time.perf_counter() - t0
+        rollouts = pipeline.read_jsonl(Path(out["path"]))
+        tokens = sum(len(leaf["response_ids"]) for row in rollouts for leaf in row["leaves"])
+        rows.append(
+            {
+                "workers": n,
+                "prompts": len(rollouts),
+                "leaves": sum(len(x["leaves"]) for x in rollouts),
+                "tokens": tokens,
+                "seconds": seconds,
+                "startup_seconds": startup,
+                "prompts_per_s": len(rollouts) / seconds,
+                "tokens_per_s": tokens / seconds,
+                "digest": out["digest"],
+            }
+        )
+    return rows
+
+
+def _warm(recipe: dict) -> None:
+    r = _recipe(recipe)
+    pipeline.load_policy(r)
+
+
+@flow(name="spi-distributed-rollouts", persist_result=False)
+def distributed_iteration_rollouts(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    iteration: int = 1,
+    value_dirs: list[str] | None = None,
+    workdir: str | None = None,
+) -> dict:
+    """Only the sharded rollouts of iteration k (the benchmark's work)."""
+    return sharded_rollouts(
+        Layout(load_recipe(recipe, overrides or None), workdir), iteration, list(value_dirs or [])
+    )
+
+
+def format_bench(rows: list[dict]) -> str:
+    lines = [
+        f"{'workers':>8}{'prompts':>9}{'tokens':>9}{'seconds':>10}{'prompts/s':>11}{'tokens/s':>10}{'speed-up':>10}"
+        f"{'start-up s':>12}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['workers']:>8}{row['prompts']:>9}{row['tokens']:>9}{row['seconds']:>10.2f}"
+            f"{row['prompts_per_s']:>11.2f}{row['tokens_per_s']:>10.1f}"
+            f"{rows[0]['seconds'] / row['seconds']:>9.2f}x{row['startup_seconds']:>12.1f}"
+        )
+    same = len({row["digest"] for row in rows}) == 1
+    lines.append(f"merged rollouts identical across cluster sizes: {'yes' if same else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.distributed", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="throughput of sharded rollouts with 1 and 2 (or more) local workers")
+    b.add_argument("--recipe", default="tests/flows/tiny.yaml")
+    b.add_argument("--prompts", type=int, default=16)
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--shard-prompts", type=int, default=2)
+    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--workdir")
+    for name in ("iteration", "run"):
+        p = sub.add_parser(name, help=f"distributed_{name} with the recipe's execution section")
+        p.add_argument("recipe")
+        p.add_argument("--workdir")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        if name == "iteration":
+            p.add_argument("--iteration", type=int, default=1)
+            p.add_argument("--value-dir", action="append", default=[])
+        else:
+            p.add_argument("--eval-set", required=True, help="JSON rows with 'instruction'")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        rows = bench(
+            args.recipe,
+            args.prompts,
+            tuple(args.workers),
+            args.shard_prompts,
+            args.max_new_tokens,
+            args.workdir,
+        )
+        print(format_bench(rows))
+        return 0
+    from spi.config import parse_overrides
+
+    overrides = parse_overrides(args.set) or None
+    if args.command == "iteration":
+        out = with_runner(distributed_iteration, args.recipe, overrides)(
+            recipe=args.recipe,
+            overrides=overrides,
+            iteration=args.iteration,
+            value_dirs=args.value_dir,
+            workdir=args.workdir,
+        )
+    else:
+        out = with_runner(distributed_run, args.recipe, overrides)(
+            recipe=args.recipe, overrides=overrides, eval_set=args.eval_set, workdir=args.workdir
+        )
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Fixtures of the distributed tests: one Prefect test harness, one local Dask cluster of two workers
+(loopback only, one thread each) and the unsharded ``spi.pipeline`` outputs to compare with."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY = str(Path(__file__).resolve().parents[1] / "flows" / "tiny.yaml")
+# one iteration of 4 prompts, 4 eval instructions, one prompt per shard; a reward batch holds one
+# prompt's 4 leaves, so a label shard scores the batches the unsharded stage scores (bit-identical)
+OVERRIDES = {
+    "iterations": {"count": 1, "prompts_per_iteration": 4},
+    "reward": {"batch_size": 4},
+    "execution": {"task_runner": "dask", "shard_prompts": 1, "threads": 1},
+}
+N_EVAL = 4
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API + database for the distributed tests."""
+    import torch
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    torch.set_num_threads(1)
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def cluster2(prefect_api):
+    """A LocalCluster of two single-threaded worker processes on 127.0.0.1, and a client of it."""
+    pytest.importorskip("prefect_dask")
+    from distributed import Client, LocalCluster
+
+    from flows.distributed import local_cluster_kwargs
+
+    cluster = LocalCluster(**local_cluster_kwargs(2))
+    client = Client(cluster)
+    yield cluster, client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def eval_set(tmp_path_factory):
+    from flows.distributed import write_eval_set
+    from spi.pipeline import load_instructions
+
+    return write_eval_set(
+        tmp_path_factory.mktemp("eval") / "eval.json", load_instructions("builtin:train", 200, N_EVAL)
+    )
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, eval_set):
+    """The unsharded stages of spi.pipeline in this process: rollouts, labels, V_1, spi-1 decode."""
+    import json
+
+    import torch
+
+    from spi import pipeline
+    from spi.config import load_recipe
+
+    torch.set_num_threads(1)
+    r = load_recipe(TINY, OVERRIDES)
+    d = tmp_path_factory.mktemp("reference")
+    rollouts = pipeline.generate_rollouts(r, 1, [], d / "rollouts.jsonl", progress=False)
+    labels = pipeline.label_rollouts(r, rollouts, d / "labels.jsonl")
+    value = pipeline.fit_value_stage(r, 1, rollouts, labels, d / "value")
+    xs = [e["instruction"] for e in json.loads(Path(eval_set).read_text())]
+    decoded = pipeline.decode_system(
+        r, "spi-1", [value], xs, d / "spi-1.json", datasets=["bench"] * len(xs), progress=False
+    )
+    return {"rollouts": rollouts, "labels": labels, "value": value, "decoded": decoded}
