@@ -4,6 +4,7 @@
                            then V_k fitted as ONE task (on a worker, which may hold several devices)
     distributed_decode     one system answers an eval set, sharded by prompt, merged by prompt index
     distributed_run        K iterations, then every system decoded: one task runner (one cluster)
+    spi_distributed        deployable entry point: distributed_run on the recipe's task runner
 
 A recipe goes distributed by its ``execution`` section only::
 
@@ -421,6 +422,21 @@ def distributed_run(
         k = int(system.split("-")[1]) if system.startswith("spi-") else (1 if system == "blockwise-cd" else 0)
         decoded[system] = decode_body(lay, system, value_dirs[:k], eval_set)
     return {"iterations": iterations, "decoded": decoded}
+
+
+@flow(name="spi-distributed", persist_result=False)
+def spi_distributed(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    eval_set: str = "",
+    systems: list[str] | None = None,
+    workdir: str | None = None,
+) -> dict:
+    """Deployable entry point: runs :func:`distributed_run` as a subflow on the task runner that the
+    recipe's execution section names (a deployment cannot pick its task runner from a parameter)."""
+    return with_runner(distributed_run, recipe, overrides)(
+        recipe=recipe, overrides=overrides, eval_set=eval_set, systems=systems, workdir=workdir
+    )
 
 
 def with_runner(flow_obj, recipe: str, overrides: dict | None = None):
