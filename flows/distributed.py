@@ -163,8 +163,11 @@ def run_shards(submit, shards: list[sharding.Shard], what: str) -> dict[int, str
 class Layout:
     """Where a recipe's sharded outputs live: the same folders as flows.experiment, a shards/ subfolder."""
 
-    def __init__(self, recipe: Recipe, workdir: str | None):
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, workdir: str | None, store_url: str | None = None):
+        self.recipe, self.store_url = recipe, store_url
+        # the same run key and reward name as flows.experiment.Context, for the store's natural keys
+        self.run_key = f"{recipe.name}:{recipe.digest}"
+        self.reward_name = f"{recipe.reward.kind}:{recipe.reward.model}:{recipe.section_digest('reward')[:8]}"
         self.data = recipe.model_dump(mode="json")
         self.root = Path(workdir or recipe.execution.workdir).expanduser().resolve()
         self.dir = self.root / recipe.name
@@ -310,6 +313,10 @@ def iteration_body(lay: Layout, k: int, value_dirs: list[str]) -> dict:
         )
         .result()
     )
+    if lay.store_url:  # rows keyed by (run, system, iteration, prompt, row): a repeated insert adds nothing
+        T.store_rollouts_task(
+            lay.store_url, lay.run_key, k, rollouts["path"], labels["path"], lay.reward_name
+        )
     return {"iteration": k, "rollouts": rollouts, "labels": labels, "value": value}
 
 
@@ -409,9 +416,11 @@ def distributed_run(
     eval_set: str = "",
     systems: list[str] | None = None,
     workdir: str | None = None,
+    store_url: str | None = None,
 ) -> dict:
-    """K sharded iterations, then each system (default spi-1..spi-K) decodes ``eval_set``, sharded."""
-    lay = Layout(load_recipe(recipe, overrides or None), workdir)
+    """K sharded iterations, then each system (default spi-1..spi-K) decodes ``eval_set``, sharded.
+    ``store_url``: also insert each iteration's merged rollouts and rewards into the SQL store."""
+    lay = Layout(load_recipe(recipe, overrides or None), workdir, store_url)
     r, value_dirs, iterations = lay.recipe, [], []
     for k in range(1, r.iterations.count + 1):
         it = iteration_body(lay, k, list(value_dirs))
@@ -431,11 +440,17 @@ def spi_distributed(
     eval_set: str = "",
     systems: list[str] | None = None,
     workdir: str | None = None,
+    store_url: str | None = None,
 ) -> dict:
     """Deployable entry point: runs :func:`distributed_run` as a subflow on the task runner that the
     recipe's execution section names (a deployment cannot pick its task runner from a parameter)."""
     return with_runner(distributed_run, recipe, overrides)(
-        recipe=recipe, overrides=overrides, eval_set=eval_set, systems=systems, workdir=workdir
+        recipe=recipe,
+        overrides=overrides,
+        eval_set=eval_set,
+        systems=systems,
+        workdir=workdir,
+        store_url=store_url,
     )
 
 

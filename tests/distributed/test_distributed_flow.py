@@ -15,13 +15,20 @@ from tests.distributed.conftest import OVERRIDES, TINY
 pytest.importorskip("prefect_dask")
 
 
-def run(workdir, eval_set, execution):
+def run(workdir, eval_set, execution, store_url=None):
     from flows.distributed import distributed_run, with_runner
 
     overrides = {**OVERRIDES, "execution": {**OVERRIDES["execution"], **execution}}
     return with_runner(distributed_run, TINY, overrides)(
-        recipe=TINY, overrides=overrides, eval_set=eval_set, workdir=str(workdir)
+        recipe=TINY, overrides=overrides, eval_set=eval_set, workdir=str(workdir), store_url=store_url
     )
+
+
+def store_counts(url):
+    from mlflow_store.store import Store
+
+    with Store(url) as store:
+        return {t: store.count(t) for t in ("prompts", "rollouts", "rewards")}
 
 
 def assert_matches_reference(out, reference):
@@ -78,17 +85,20 @@ def test_killing_a_worker_mid_run_loses_nothing(cluster2, eval_set, reference, t
 
     killer = threading.Thread(target=kill_a_busy_worker_after_the_first_shard_file, daemon=True)
     killer.start()
-    out = run(tmp_path, eval_set, {"dask_address": cluster.scheduler_address})
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    out = run(tmp_path, eval_set, {"dask_address": cluster.scheduler_address}, store_url)
     killer.join(5)
     assert killed, "the worker was not killed"
     assert killed["shard_files_before"] < 4, f"killed after all rollout shards were written: {killed}"
     assert_matches_reference(out, reference)
+    assert store_counts(store_url) == {"prompts": 4, "rollouts": 16, "rewards": 16}
 
     # a lost shard file (and the merge) is recomputed on rerun, the rest skipped: same merged rows
     lost = sorted(shards.glob("rollouts-*.jsonl"))[1]
     lost.unlink()
     merged = Path(out["iterations"][0]["rollouts"]["path"])
     merged.unlink()
-    again = run(tmp_path, eval_set, {"dask_address": cluster.scheduler_address})
+    again = run(tmp_path, eval_set, {"dask_address": cluster.scheduler_address}, store_url)
     assert lost.exists()
     assert_matches_reference(again, reference)
+    assert store_counts(store_url) == {"prompts": 4, "rollouts": 16, "rewards": 16}  # stored twice, once each
