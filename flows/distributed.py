@@ -361,7 +361,7 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
         compute = sharding.merge_compute(
             json.loads(p.with_suffix(".compute.json").read_text()) for p in files
         )
-        pipeline._write_atomic(out, json.dumps(sharding.decode_payload(system, rows, compute), indent=2))
+        pipeline._write_atomic(out, json.dumps(pipeline.decode_payload(system, rows, compute), indent=2))
         pipeline._mark_done(out, key)
     data = json.loads(out.read_text())
     return _stage(

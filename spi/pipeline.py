@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from spi.backends import backend_for
 from spi.config import Recipe, digest_of
 from spi.models import CausalLM
 from spi.prompts import chat_prompt_ids, load_instructions
 from spi.reward import load_reward
-from spi.search import search
 from spi.systems import system_plan
 from spi.value import ValueExample, fit_value, folder_digest, load_value_model, new_value_model
 
@@ -99,6 +99,26 @@ def train_instructions(recipe: Recipe, iteration: int) -> list[str]:
     return load_instructions(recipe.prompts.train, recipe.prompts.offset + (iteration - 1) * per, per)
 
 
+def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices=None,
+                 progress: bool = True) -> tuple[list[dict], dict]:
+    """Rollout records for the prompts ``indices`` (default all) of the iteration's slice, and the compute."""
+    policy = load_policy(recipe)
+    instructions = train_instructions(recipe, iteration)
+    indices = list(range(len(instructions))) if indices is None else list(indices)
+    system = f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
+    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
+    chosen = [instructions[i] for i in indices]
+    seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in indices]
+    result = backend_for(recipe).search(policy, chosen, seeds, settings, guide, reward_model=None, progress=progress)
+    rows = []
+    for i, instruction, r in zip(indices, chosen, result.results, strict=True):
+        leaves = [{"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
+                  for text, ids in zip(r.responses, r.response_ids, strict=True)]
+        rows.append({"prompt_index": i, "instruction": instruction,
+                     "prompt_ids": chat_prompt_ids(policy.tokenizer, instruction), "leaves": leaves})
+    return rows, result.compute.as_dict()
+
+
 def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], out: Path,
                       progress: bool = True) -> Path:
     """Iteration 1 samples W*K leaves per prompt from pi_0; later ones run CBS with V_1..V_{k-1}."""
@@ -106,21 +126,9 @@ def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], ou
                      recipe.seed, iteration, [file_digest(d) for d in value_dirs]])
     if is_done(out, key):
         return out
-    policy = load_policy(recipe)
-    instructions = train_instructions(recipe, iteration)
-    system = f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
-    seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in range(len(instructions))]
-    result = search(policy, instructions, seeds, settings, guide, reward_model=None, progress=progress)
-    lines = []
-    for i, (instruction, r) in enumerate(zip(instructions, result.results, strict=True)):
-        prompt_ids = chat_prompt_ids(policy.tokenizer, instruction)
-        leaves = [{"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
-                  for text, ids in zip(r.responses, r.response_ids, strict=True)]
-        lines.append(json.dumps({"prompt_index": i, "instruction": instruction, "prompt_ids": prompt_ids,
-                                 "leaves": leaves}))
-    _write_atomic(out, "\n".join(lines) + "\n")
-    _write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
+    rows, compute = rollout_rows(recipe, iteration, value_dirs, progress=progress)
+    _write_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
+    _write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
     _mark_done(out, key)
     return out
 
@@ -180,6 +188,37 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     return out
 
 
+def decode_rows(recipe: Recipe, system: str, value_dirs: list[Path], instructions: list[str], indices=None,
+                datasets=None, w2s_models=None, progress: bool = True) -> tuple[list[dict], dict]:
+    """One output row per instruction in ``indices`` (default all), with its reward, and the compute."""
+    reward = load_reward_model(recipe)
+    policy = load_policy(recipe)
+    indices = list(range(len(instructions))) if indices is None else list(indices)
+    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
+    chosen = [instructions[i] for i in indices]
+    seeds = [seed_for(recipe.seed, "eval", i) for i in indices]
+    result = backend_for(recipe).search(policy, chosen, seeds, settings, guide, reward_model=reward, progress=progress)
+    answers = [r.answer for r in result.results]
+    known = [r.leaf_rewards[r.chosen] if r.leaf_rewards else None for r in result.results]
+    missing = [j for j, k in enumerate(known) if k is None]
+    if missing:  # score answers the search did not already score (evaluation cost, not the system's)
+        for j, score in zip(missing, reward.score([chosen[j] for j in missing], [answers[j] for j in missing]), strict=True):
+            known[j] = score
+    rows = [{"prompt_index": i, "instruction": x, "output": y, "generator": system,
+             "dataset": datasets[i] if datasets else None, "reward": k,
+             "boundaries": r.boundaries, "beam_changes": r.beam_changes}
+            for i, x, y, k, r in zip(indices, chosen, answers, known, result.results, strict=True)]
+    return rows, result.compute.as_dict()
+
+
+def decode_payload(system: str, rows: list[dict], compute: dict) -> dict:
+    """A decode stage's output file: AlpacaEval-format outputs (+ reward), compute, summary numbers."""
+    outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset", "reward")} for r in rows]
+    rewards = [r["reward"] for r in rows]
+    return {"system": system, "outputs": outputs, "compute": compute, "mean_reward": sum(rewards) / len(rewards),
+            "boundaries": sum(r["boundaries"] for r in rows), "beam_changes": sum(r["beam_changes"] for r in rows)}
+
+
 def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructions: list[str], out: Path,
                   datasets: list[str] | None = None, w2s_models=None, progress: bool = True) -> Path:
     """Answer ``instructions`` with one system; record outputs (AlpacaEval format), rewards and compute."""
@@ -188,25 +227,8 @@ def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructi
                      reward.identity, recipe.seed, instructions, [file_digest(d) for d in value_dirs]])
     if is_done(out, key):
         return out
-    policy = load_policy(recipe)
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
-    seeds = [seed_for(recipe.seed, "eval", i) for i in range(len(instructions))]
-    result = search(policy, instructions, seeds, settings, guide, reward_model=reward, progress=progress)
-    answers = [r.answer for r in result.results]
-    known = [r.leaf_rewards[r.chosen] if r.leaf_rewards else None for r in result.results]
-    missing = [i for i, k in enumerate(known) if k is None]
-    if missing:  # score answers the search did not already score (evaluation cost, not the system's)
-        for i, s in zip(missing, reward.score([instructions[i] for i in missing], [answers[i] for i in missing]), strict=True):
-            known[i] = s
-    outputs = [{"instruction": x, "output": y, "generator": system, "dataset": (datasets or [None] * len(answers))[i],
-                "reward": known[i]} for i, (x, y) in enumerate(zip(instructions, answers, strict=True))]
-    payload = {
-        "system": system, "outputs": outputs, "compute": result.compute.as_dict(),
-        "mean_reward": sum(known) / len(known),
-        "boundaries": sum(r.boundaries for r in result.results),
-        "beam_changes": sum(r.beam_changes for r in result.results),
-    }
-    _write_atomic(out, json.dumps(payload, indent=2))
+    rows, compute = decode_rows(recipe, system, value_dirs, instructions, None, datasets, w2s_models, progress)
+    _write_atomic(out, json.dumps(decode_payload(system, rows, compute), indent=2))
     _mark_done(out, key)
     return out
 

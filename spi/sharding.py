@@ -16,12 +16,11 @@ skipped. They call ``spi.search.search`` (through a generation backend) and ``sp
 helpers; the module itself imports neither torch nor transformers at import time.
 
 Generation backends: ``transformers`` (the default, ``spi.search.search`` on ``spi.models.CausalLM``)
-and ``vllm`` (for GPU workers; see :class:`VLLMBackend` for what exists).
+and ``vllm`` (for GPU workers), both in ``spi.backends``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -152,77 +151,6 @@ def merge_jsonl(paths: Iterable[Path], expected: int | Iterable[int], out: Path,
     return out
 
 
-# --------------------------------------------------------------------------- generation backends
-
-
-class BackendUnavailable(RuntimeError):
-    """The recipe's generation backend cannot run here; the message says why and what to do."""
-
-
-class TransformersBackend:
-    """The default: ``spi.search.search`` (CBS with a reordered KV cache) on a transformers model."""
-
-    name = "transformers"
-
-    def search(self, policy, instructions, seeds, settings, guide=None, reward_model=None, progress=False):
-        from spi.search import search
-
-        return search(
-            policy, instructions, seeds, settings, guide, reward_model=reward_model, progress=progress
-        )
-
-
-class VLLMBackend:
-    """vLLM for GPU workers (prefix caching on: CBS re-submits every kept prefix at each chunk boundary,
-    so the prefill of the shared prompt and of each kept beam is served from the cache).
-
-    Status: the seam and the availability check exist; chunk-level search on vLLM is not implemented
-    (it needs the guide's scores on vLLM's sampled prefixes and a token-exact sampler matching
-    ``spi.sampling`` for seeds to mean the same thing). Constructing it where vLLM or a CUDA device is
-    missing raises :class:`BackendUnavailable` with the reason.
-    """
-
-    name = "vllm"
-
-    def __init__(self, require_gpu: bool = True):
-        problem = vllm_unavailable_reason(require_gpu)
-        if problem:
-            raise BackendUnavailable(
-                f"execution.backend 'vllm' cannot run here: {problem}; "
-                "use execution.backend 'transformers' or run the shards on a GPU worker "
-                "whose image has vLLM (pip install vllm)"
-            )
-        self.engine_kwargs = {"enable_prefix_caching": True}
-
-    def search(self, policy, instructions, seeds, settings, guide=None, reward_model=None, progress=False):
-        raise NotImplementedError(
-            "chunk-level guided search on vLLM is not implemented yet; execution.backend 'transformers' "
-            "runs the same recipe"
-        )
-
-
-def vllm_unavailable_reason(require_gpu: bool = True) -> str | None:
-    """Why the vLLM backend cannot run in this process, or None when it can."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed"
-    if require_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "vLLM needs a CUDA GPU and none is visible"
-    return None
-
-
-BACKENDS = {"transformers": TransformersBackend, "vllm": VLLMBackend}
-
-
-def backend_for(recipe):
-    name = recipe.execution.backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown generation backend '{name}' (known: {', '.join(BACKENDS)})")
-    return BACKENDS[name]()
-
-
 # --------------------------------------------------------------------------- shard stages
 
 
@@ -232,37 +160,12 @@ def rollout_shard(
     """The rows of ``spi.pipeline.generate_rollouts`` for the prompts ``indices`` of the iteration's slice
     (same seeds, same record format), written to ``out`` with ``out.compute.json`` beside it."""
     from spi import pipeline
-    from spi.prompts import chat_prompt_ids
-    from spi.systems import system_plan
-    from spi.value import load_value_model
 
     out = Path(out)
     if pipeline.is_done(out, key):
         return out
-    policy = pipeline.load_policy(recipe)
-    instructions = pipeline.train_instructions(recipe, iteration)
-    system = f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
-    xs = [instructions[i] for i in indices]
-    seeds = [pipeline.seed_for(recipe.seed, "rollout", iteration, i) for i in indices]
-    result = backend_for(recipe).search(policy, xs, seeds, settings, guide, reward_model=None)
-    rows = []
-    for i, instruction, r in zip(indices, xs, result.results, strict=True):
-        leaves = [
-            {"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
-            for text, ids in zip(r.responses, r.response_ids, strict=True)
-        ]
-        rows.append(
-            {
-                "prompt_index": i,
-                "instruction": instruction,
-                "prompt_ids": chat_prompt_ids(policy.tokenizer, instruction),
-                "leaves": leaves,
-            }
-        )
-    write_jsonl(out, rows)
-    pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
-    pipeline._mark_done(out, key)
+    rows, compute = pipeline.rollout_rows(recipe, iteration, value_dirs, indices, progress=False)
+    _write_shard(out, key, rows, compute)
     return out
 
 
@@ -287,56 +190,19 @@ def decode_shard(
     """The outputs of ``spi.pipeline.decode_system`` for the instructions ``indices`` (same seeds), one
     JSONL row per prompt with its prompt_index, boundaries and beam changes; compute beside it."""
     from spi import pipeline
-    from spi.systems import system_plan
-    from spi.value import load_value_model
 
     out = Path(out)
     if pipeline.is_done(out, key):
         return out
-    reward = pipeline.load_reward_model(recipe)
-    policy = pipeline.load_policy(recipe)
-    settings, guide = system_plan(
-        system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models
-    )
-    xs = [instructions[i] for i in indices]
-    seeds = [pipeline.seed_for(recipe.seed, "eval", i) for i in indices]
-    result = backend_for(recipe).search(policy, xs, seeds, settings, guide, reward_model=reward)
-    answers = [r.answer for r in result.results]
-    known = [r.leaf_rewards[r.chosen] if r.leaf_rewards else None for r in result.results]
-    missing = [j for j, k in enumerate(known) if k is None]
-    if missing:  # as decode_system: score answers the search did not score (evaluation cost)
-        for j, s in zip(
-            missing, reward.score([xs[j] for j in missing], [answers[j] for j in missing]), strict=True
-        ):
-            known[j] = s
-    rows = [
-        {
-            "prompt_index": i,
-            "instruction": x,
-            "output": y,
-            "generator": system,
-            "dataset": datasets[i] if datasets else None,
-            "reward": k,
-            "boundaries": r.boundaries,
-            "beam_changes": r.beam_changes,
-        }
-        for i, x, y, k, r in zip(indices, xs, answers, known, result.results, strict=True)
-    ]
-    write_jsonl(out, rows)
-    pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(result.compute.as_dict(), indent=2))
-    pipeline._mark_done(out, key)
+    rows, compute = pipeline.decode_rows(recipe, system, value_dirs, instructions, indices, datasets,
+                                         w2s_models, progress=False)
+    _write_shard(out, key, rows, compute)
     return out
 
 
-def decode_payload(system: str, rows: Sequence[dict], compute: dict) -> dict:
-    """Merged decode rows in ``spi.pipeline.decode_system``'s output format."""
-    outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset", "reward")} for r in rows]
-    rewards = [r["reward"] for r in rows]
-    return {
-        "system": system,
-        "outputs": outputs,
-        "compute": compute,
-        "mean_reward": sum(rewards) / len(rewards),
-        "boundaries": sum(r["boundaries"] for r in rows),
-        "beam_changes": sum(r["beam_changes"] for r in rows),
-    }
+def _write_shard(out: Path, key: str, rows: Sequence[dict], compute: dict) -> None:
+    from spi import pipeline
+
+    write_jsonl(out, rows)
+    pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
+    pipeline._mark_done(out, key)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from spi import sharding
+from spi import backends, sharding
 from spi.sharding import MergeError, merge_rows, split
 
 
@@ -67,18 +67,18 @@ def test_merge_compute_adds_counts_and_seconds():
 
 
 def test_vllm_backend_says_why_it_cannot_run_here():
-    reason = sharding.vllm_unavailable_reason()
+    reason = backends.vllm_unavailable_reason()
     if reason is None:
         pytest.skip("vLLM and a GPU are present: the unavailable path cannot be checked here")
-    with pytest.raises(sharding.BackendUnavailable, match=reason):
-        sharding.VLLMBackend()
+    with pytest.raises(backends.BackendUnavailable, match=reason):
+        backends.VLLMBackend()
 
 
 def test_vllm_backend_on_a_gpu_worker():
-    reason = sharding.vllm_unavailable_reason()
+    reason = backends.vllm_unavailable_reason()
     if reason:
         pytest.skip(f"vLLM backend not testable here: {reason}")
-    backend = sharding.VLLMBackend()  # pragma: no cover - needs vLLM and a GPU
+    backend = backends.VLLMBackend()  # pragma: no cover - needs vLLM and a GPU
     assert backend.engine_kwargs["enable_prefix_caching"] is True
 
 
@@ -91,6 +91,6 @@ def test_recipe_selects_backend_and_execution_defaults_keep_old_recipes():
         "transformers",
         None,
     )
-    assert isinstance(sharding.backend_for(r), sharding.TransformersBackend)
+    assert isinstance(backends.backend_for(r), backends.TransformersBackend)
     with pytest.raises(Exception, match="execution.backend"):
         load_recipe("smoke", {"execution": {"backend": "tgi"}})
