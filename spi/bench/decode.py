@@ -15,7 +15,7 @@ are medians of per-repeat ratios, by wall clock (``ratio_to_*``) and by this pro
 (``ratio_to_*_cpu``): on a machine shared with other jobs the CPU-time ratio is the steadier one, since
 time-slicing by other processes does not count in it (cache and memory-bandwidth contention still does).
 Peak RSS: with ``rss="subprocess"`` every arm runs once more in a fresh Python process that loads only
-what the arm needs, and the arm's peak RSS is that process's ``ru_maxrss`` (models + decode); with
+what the arm needs, and the arm's peak RSS is that process's VmHWM (models + decode); with
 ``rss="sampled"`` a thread samples this process's RSS every 2 ms while the arm runs (all arms' models
 are loaded, so the figure includes them: cheap, used by the tests).
 """
@@ -342,7 +342,7 @@ def run_decode_bench(config: DecodeBenchConfig, log=print) -> dict:
         for name in arms:
             log(f"  peak RSS of {name} in a fresh process ...")
             out_arms[name]["peak_rss_mb"] = _subprocess_rss(config, name)
-        rss_method = "ru_maxrss of a fresh process that loads only the arm's models and decodes once"
+        rss_method = "VmHWM of a fresh process that loads only the arm's models and decodes once"
     elif config.rss == "sampled":
         for name in arms:
             out_arms[name]["peak_rss_mb"] = sampled_rss[name]
@@ -438,7 +438,17 @@ def _single_arm(config_json: str) -> None:
     torch.set_num_threads(config.threads)
     arm = config.arms[0]
     Arms(config, [arm]).run(arm)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak across fork+exec
+    into a child's ru_maxrss, so every child of a big benchmark process would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------- printing
