@@ -5,3 +5,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tests time nothing; one thread keeps them steady when other jobs share the cores."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from spi.models import CausalLM
+
+    return CausalLM.load("tiny-llama")
