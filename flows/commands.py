@@ -224,20 +224,9 @@ def cmd_promote(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: ``python -m flows.commands run RECIPE ...`` (same as ``spi run``)."""
-    import argparse
+    from flows.cli import main as spi_main
 
-    from flows.cli import OFFLINE_DEFAULTS
-
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    parser = argparse.ArgumentParser(prog="spi", description="SPI experiment commands")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; finished stages are kept and a rerun resumes from them", file=sys.stderr)
-        return 130
+    return spi_main(argv)
 
 
 if __name__ == "__main__":

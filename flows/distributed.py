@@ -274,17 +274,7 @@ def sharded_labels(lay: Layout, k: int, rollouts: dict) -> dict:
     if computed:
         sharding.merge_jsonl([Path(p) for p in paths.values()], n, out, f"iteration {k} labels")
         pipeline._mark_done(out, key)
-    labels = pipeline.read_jsonl(out)
-    leaf = [x for row in labels for x in row["rewards"]]
-    best = [row["rewards"][row["best"]] for row in labels]
-    mean = sum(leaf) / len(leaf)
-    stats = {
-        "reward_mean": mean,
-        "reward_std": (sum((x - mean) ** 2 for x in leaf) / len(leaf)) ** 0.5,
-        "reward_best_mean": sum(best) / len(best),
-        "reward_min": min(leaf),
-        "reward_max": max(leaf),
-    }
+    stats = T.reward_stats(pipeline.read_jsonl(out))
     return _stage("labels", out, key, time.perf_counter() - t0, computed, stats=stats)
 
 

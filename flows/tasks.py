@@ -121,18 +121,22 @@ def labels_task(recipe: dict, iteration: int, rollouts: str, out: str, key: str)
         "iteration %d: labelling with %s:%s -> %s", iteration, r.reward.kind, r.reward.model, out.name
     )
     pipeline.label_rollouts(r, Path(rollouts), out)
-    labels = _check_jsonl(out, "labels")
+    stats = reward_stats(_check_jsonl(out, "labels"))
+    return _stage_result("labels", out, key, t0, computed, stats=stats)
+
+
+def reward_stats(labels: list[dict]) -> dict:
+    """Reward statistics of a labels file: over all leaves, and of the best leaf per prompt."""
     leaf = [x for row in labels for x in row["rewards"]]
     best = [row["rewards"][row["best"]] for row in labels]
     mean = sum(leaf) / len(leaf)
-    stats = {
+    return {
         "reward_mean": mean,
         "reward_std": (sum((x - mean) ** 2 for x in leaf) / len(leaf)) ** 0.5,
         "reward_best_mean": sum(best) / len(best),
         "reward_min": min(leaf),
         "reward_max": max(leaf),
     }
-    return _stage_result("labels", out, key, t0, computed, stats=stats)
 
 
 @task(name="value-fit", cache_key_fn=stage_cache_key, task_run_name="value-fit-iter{iteration}")
