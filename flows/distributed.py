@@ -186,6 +186,13 @@ def _stage(stage: str, out: Path, key: str, seconds: float, computed: bool, **ex
     }
 
 
+def _merged_compute(shard_files) -> dict:
+    """The compute records written beside each shard's output, added up."""
+    return sharding.merge_compute(
+        json.loads(Path(p).with_suffix(".compute.json").read_text()) for p in shard_files
+    )
+
+
 def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
     r, t0 = lay.recipe, time.perf_counter()
     n = r.iterations.prompts_per_iteration
@@ -221,9 +228,7 @@ def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
     computed = not pipeline.is_done(out, key)
     if computed:
         sharding.merge_jsonl([Path(p) for p in paths.values()], n, out, f"iteration {k} rollouts")
-        compute = sharding.merge_compute(
-            json.loads(Path(p).with_suffix(".compute.json").read_text()) for p in paths.values()
-        )
+        compute = _merged_compute(paths.values())
         pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
         pipeline._mark_done(out, key)
     compute = json.loads(out.with_suffix(".compute.json").read_text())
@@ -348,9 +353,7 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
     if computed:
         files = [Path(p) for p in paths.values()]
         rows = sharding.merge_rows((pipeline.read_jsonl(p) for p in files), n, f"decode {system}")
-        compute = sharding.merge_compute(
-            json.loads(p.with_suffix(".compute.json").read_text()) for p in files
-        )
+        compute = _merged_compute(files)
         pipeline._write_atomic(out, json.dumps(pipeline.decode_payload(system, rows, compute), indent=2))
         pipeline._mark_done(out, key)
     data = json.loads(out.read_text())
