@@ -58,11 +58,16 @@ class ValueConfig(Section):
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="prompts held out to measure the fit")
+    solver: Literal["adam", "ridge"] = Field(
+        "adam", description="adam: epochs of AdamW; ridge: exact head, L2 penalty cross-validated over prompts (policy-head)"
+    )
 
     @model_validator(mode="after")
     def _backbone_named(self):
         if self.kind == "backbone" and not self.backbone:
             raise ValueError("value.backbone must name a model when value.kind is 'backbone'")
+        if self.solver == "ridge" and self.kind != "policy-head":
+            raise ValueError("value.solver 'ridge' needs value.kind 'policy-head'")
         return self
 
 

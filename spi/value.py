@@ -36,6 +36,10 @@ class FitReport:
     holdout_mse: float
     holdout_explained_variance: float
     seconds: float
+    # within a held-out prompt: how often V orders two leaves' prefixes as their rewards do (ties 1/2);
+    # what selection needs, while explained variance also counts between-prompt differences
+    holdout_pair_accuracy: float = float("nan")
+    ridge_penalty: float | None = None  # the cross-validated penalty of the ridge solver
 
 
 class ValueModel(nn.Module):
@@ -162,8 +166,12 @@ def _response_mask(examples: list[ValueExample], width: int) -> torch.Tensor:
 
 def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, epochs: int = 10,
               learning_rate: float = 1e-3, batch_size: int = 16, weight_decay: float = 0.0,
-              holdout_fraction: float = 0.2, seed: int = 0, progress=None) -> FitReport:
-    """loss = 0.5 * mean over examples and response positions of (V(x, y_<t) - r(x, y))^2."""
+              holdout_fraction: float = 0.2, seed: int = 0, progress=None, solver: str = "adam") -> FitReport:
+    """loss = 0.5 * mean over examples and response positions of (V(x, y_<t) - r(x, y))^2.
+
+    solver "ridge" (head on frozen policy features only): the exact least-squares head with an L2
+    penalty chosen by cross-validation over prompt groups, instead of ``epochs`` of AdamW.
+    """
     import time
 
     from spi.prompts import value_input_ids
@@ -198,6 +206,11 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
             ids, mask, positions, _ = next(batches(train))
             model.set_feature_stats(model.features(ids, mask)[positions.bool()].float())
     nn.init.constant_(model.head.bias, sum(e.reward for e in train) / len(train))
+    if solver == "ridge":
+        if not frozen:
+            raise ValueError("value.solver 'ridge' needs value.kind 'policy-head' (frozen features)")
+        penalty, loss_value = _fit_ridge_head(model, train_batches, [ex.group for ex in train], seed)
+        return _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty)
     trainable = [p for p in model.parameters() if p.requires_grad] if not frozen else list(model.head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -227,19 +240,72 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
         loss_value = total / weight
         if progress:
             progress(epoch + 1, epochs, loss_value)
+    return _finish(model, holdout, pad_id, policy, train, loss_value, start)
+
+
+def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=None) -> FitReport:
+    import time
+
     model.eval()
-    mse, explained = evaluate_value(model, holdout, pad_id, policy) if holdout else (float("nan"), float("nan"))
+    nan = float("nan")
+    mse, explained, pairs = evaluate_value(model, holdout, pad_id, policy, pairs=True) if holdout else (nan, nan, nan)
     model.report = FitReport(len(train), int(sum(len(e.response_ids) + 1 for e in train)), loss_value,
-                             len(holdout), mse, explained, time.perf_counter() - start)
+                             len(holdout), mse, explained, time.perf_counter() - start, pairs, penalty)
     return model.report
 
 
+RIDGE_PENALTIES = [10.0 ** (k / 2) for k in range(-4, 13)]  # relative to the positions per feature
+
+
+@torch.no_grad()
+def _fit_ridge_head(model: ValueModel, batches, groups: list[str], seed: int, folds: int = 5):
+    """Least squares on standardised features with the L2 penalty that predicts held-out prompt
+    groups best (grouped k-fold); returns (penalty, training loss). Positions weigh as in the SGD loss."""
+    rows, targets, owner = [], [], []
+    example = 0
+    for hidden, positions, batch_targets in batches:
+        for b in range(hidden.shape[0]):
+            mask = positions[b].bool()
+            rows.append(hidden[b][mask])
+            targets.append(batch_targets[b].expand(int(mask.sum())))
+            owner += [groups[example]] * int(mask.sum())
+            example += 1
+    x = ((torch.cat(rows).double() - model.feature_mean.double()) / model.feature_scale.double())
+    y = torch.cat(targets).double()
+    names = sorted(set(owner))
+    random.Random(seed).shuffle(names)
+    fold_of = {g: i % folds for i, g in enumerate(names)}
+    fold = torch.tensor([fold_of[g] for g in owner])
+
+    def solve(xs, ys, penalty):
+        mean_x, mean_y = xs.mean(0), ys.mean()
+        xc = xs - mean_x
+        gram = xc.T @ xc + penalty * len(ys) * torch.eye(xs.shape[1], dtype=xs.dtype) / xs.shape[1]
+        weight = torch.linalg.solve(gram, xc.T @ (ys - mean_y))
+        return weight, mean_y - mean_x @ weight
+
+    def cv_error(penalty):
+        errors = 0.0
+        for f in range(min(folds, len(names))):
+            held = fold == f
+            weight, bias = solve(x[~held], y[~held], penalty)
+            errors += float(((x[held] @ weight + bias - y[held]) ** 2).sum())
+        return errors
+
+    penalty = min(RIDGE_PENALTIES, key=cv_error) if len(names) > 1 else RIDGE_PENALTIES[-1]
+    weight, bias = solve(x, y, penalty)
+    model.head.weight.copy_(weight.to(model.head.weight.dtype)[None])
+    model.head.bias.fill_(float(bias))
+    return penalty, 0.5 * float(((x @ weight + bias - y) ** 2).mean())
+
+
 @torch.inference_mode()
-def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None):
-    """Mean squared error and explained variance of V over all response positions of ``examples``."""
+def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, pairs: bool = False):
+    """Mean squared error and explained variance of V over all response positions of ``examples``
+    (and, with ``pairs``, the within-prompt pair accuracy of ``FitReport``)."""
     from spi.prompts import value_input_ids
 
-    errors, targets_all = [], []
+    errors, targets_all, per_example = [], [], []
     for s in range(0, len(examples), 16):
         chunk = examples[s:s + 16]
         ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
@@ -248,10 +314,31 @@ def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int,
         targets = torch.tensor([e.reward for e in chunk])[:, None].expand_as(values)
         errors.append((values - targets)[positions])
         targets_all.append(targets[positions])
+        per_example += [values[i][positions[i]] for i in range(len(chunk))]
     errors, targets_all = torch.cat(errors), torch.cat(targets_all)
     mse = float((errors ** 2).mean())
     variance = float(targets_all.var(unbiased=False))
-    return mse, (1 - mse / variance) if variance > 0 else float("nan")
+    explained = (1 - mse / variance) if variance > 0 else float("nan")
+    if not pairs:
+        return mse, explained
+    return mse, explained, _pair_accuracy(examples, per_example)
+
+
+def _pair_accuracy(examples: list[ValueExample], values: list[torch.Tensor]) -> float:
+    """Over pairs of leaves of one prompt with different rewards and every prefix length both have:
+    the fraction where V ranks the prefixes as the rewards rank the leaves (ties count 1/2)."""
+    right, total = 0.0, 0
+    for i, a in enumerate(examples):
+        for j in range(i + 1, len(examples)):
+            b = examples[j]
+            if a.group != b.group or a.reward == b.reward:
+                continue
+            steps = min(len(values[i]), len(values[j]))
+            sign = 1.0 if a.reward > b.reward else -1.0
+            diff = (values[i][:steps] - values[j][:steps]) * sign
+            right += float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
+            total += steps
+    return right / total if total else float("nan")
 
 
 def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | None = None,

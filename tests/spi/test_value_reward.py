@@ -32,6 +32,31 @@ def test_value_fit_learns_and_round_trips(tiny, tmp_path):
     assert loaded.report.holdout_sequences == 6
 
 
+def test_ridge_head_is_the_cross_validated_exact_fit(tiny):
+    """Pairs (good, bad) per prompt group: the ridge head separates them on held-out groups, and the
+    chosen penalty beats every other candidate on grouped cross-validation by construction."""
+    import dataclasses
+
+    examples = [dataclasses.replace(e, group=str(i // 2)) for i, e in enumerate(_examples(tiny, 32))]
+    model = new_value_model("policy-head", tiny.model, tiny.name)
+    report = fit_value(model, examples, tiny.tokenizer.pad_token_id, tiny.model, holdout_fraction=0.25,
+                       solver="ridge")
+    assert report.ridge_penalty is not None
+    assert report.holdout_explained_variance > 0.5
+    assert report.holdout_pair_accuracy > 0.8  # the shared last prompt position is a tie (1/2)
+    scores = model.score_sequences([e.prompt_ids + e.response_ids for e in examples[:4]],
+                                   tiny.tokenizer.pad_token_id, tiny.model)
+    assert scores[0] > scores[1] and scores[2] > scores[3]
+
+
+def test_ridge_solver_needs_frozen_features(tiny):
+    import pytest
+
+    model = new_value_model("backbone", tiny.model, tiny.name, backbone_name="tiny-llama")
+    with pytest.raises(ValueError, match="ridge"):
+        fit_value(model, _examples(tiny, 8), tiny.tokenizer.pad_token_id, solver="ridge")
+
+
 def test_corrupt_value_model_is_refused(tiny, tmp_path):
     folder = new_value_model("policy-head", tiny.model, tiny.name).save(tmp_path / "v")
     data = bytearray((folder / "head.safetensors").read_bytes())
