@@ -1,6 +1,8 @@
 """Deployable flows for a Prefect server (served by ``spi up`` through :func:`deployments`).
 
-spi-experiment/spi-experiment          run an experiment (recipe + overrides from the UI form)
+spi-experiment/spi-experiment          run an experiment (recipe + overrides from the UI form); a recipe
+                                       with execution.task_runner: dask runs sharded on its Dask
+                                       cluster (docs/distributed.md)
 evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@champion
 fit-local-judge/fit-judge              train the local Bradley-Terry judge
 promote-value-model/promote            move champion to candidate when it wins by the margin

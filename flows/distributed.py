@@ -1,11 +1,18 @@
 """Sharded SPI stages on a distributed Prefect task runner (Dask via prefect-dask).
 
-    distributed_iteration  iteration k: rollouts and labels sharded by prompt, merged by prompt index,
+    iteration_body         iteration k: rollouts and labels sharded by prompt, merged by prompt index,
                            then V_k fitted as ONE task (on a worker, which may hold several devices)
-    distributed_decode     one system answers an eval set, sharded by prompt, merged by prompt index
-    distributed_run        K iterations, then every system decoded: one task runner (one cluster)
-    spi_distributed        deployable entry point: distributed_run on the recipe's task runner
+    decode_body            one system answers an eval set, sharded by prompt, merged by prompt index
+    judge_body             one system's outputs judged, sharded by prompt; annotations merged by prompt
+                           index, metrics computed once on all of them
+    distributed_iteration, distributed_decode, distributed_run, spi_distributed
+                           flows around the bodies (no baselines, judging or tracking)
 
+``spi run RECIPE`` and the ``spi-experiment`` deployment use these bodies when the recipe says
+``execution.task_runner: dask``: ``flows.experiment.spi_experiment`` then starts itself once more as
+a subflow on the recipe's Dask task runner (:func:`with_runner`; one cluster for the whole experiment)
+and calls :func:`iteration_body`, :func:`decode_body` and :func:`judge_body` where the thread runner
+runs the unsharded stages; tracking, the store, the registry and the report are the same code.
 A recipe goes distributed by its ``execution`` section only::
 
     execution: {task_runner: dask, workers: 2, shard_prompts: 64}             # LocalCluster of 2 workers
@@ -15,8 +22,9 @@ A recipe goes distributed by its ``execution`` section only::
 Every shard writes its own file under ``<workdir>/<recipe>/.../shards/`` (atomic write, ``.key``
 sidecar, skipped when done), so a shard lost with a worker is recomputed by Dask on another worker (or
 by a rerun of the flow) and a repeated shard rewrites identical rows. The merge (``spi.sharding``)
-refuses gaps and conflicting duplicates. Workers must see the work directory at the same path
-(a shared filesystem) and reach the Prefect API (``PREFECT_API_URL``). See docs/distributed.md.
+refuses gaps and conflicting duplicates. Judge shards read the SQLite judge cache and never write it;
+the flow process writes the merged judgements (one writer). Workers must see the work directory at the
+same path (a shared filesystem) and reach the Prefect API (``PREFECT_API_URL``). See docs/distributed.md.
 
 Benchmark: ``python -m flows.distributed bench --prompts 16 --workers 1 2``.
 """
@@ -27,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -134,6 +143,50 @@ def decode_shard_task(
     )
 
 
+@lru_cache(maxsize=2)
+def _judge_model(spec: str, reward: str):
+    """The judge, loaded once per worker process (``reward``: the reward section as JSON)."""
+    from flows.judging import resolve_judge
+
+    return resolve_judge(spec, json.loads(reward))
+
+
+@task(name="judge-shard", cache_policy=NO_CACHE, task_run_name="judge-{system}-{name}")
+def judge_shard_task(
+    system: str,
+    judge: str,
+    reward: dict,
+    references: str,
+    outputs: str,
+    name: str,
+    indices: list[int],
+    out: str,
+    key: str,
+    cache: str,
+) -> str:
+    """The annotations of prompts ``indices`` (``flows.judging.judge_rows``), one JSONL row per prompt
+    with its prompt_index and the judge's identity. Reads the SQLite judge cache, never writes it."""
+    from flows.judging import ShardJudgementCache, judge_rows
+
+    out_path = Path(out)
+    if not pipeline.is_done(out_path, key):
+        rows = json.loads(Path(references).read_text())
+        answers = json.loads(Path(outputs).read_text())["outputs"]
+        model = _judge_model(judge, json.dumps(reward, sort_keys=True))
+        annotations = judge_rows(
+            model, [rows[i] for i in indices], [answers[i] for i in indices], ShardJudgementCache(cache)
+        )
+        sharding.write_jsonl(
+            out_path,
+            [
+                {sharding.KEY: i, "judge": model.identity, **a}
+                for i, a in zip(indices, annotations, strict=True)
+            ],
+        )
+        pipeline._mark_done(out_path, key)
+    return out
+
+
 def run_shards(submit, shards: list[sharding.Shard], what: str) -> dict[int, str]:
     """Submit one task per shard (``submit(shard) -> future``), wait for all, resubmit the failed ones
     (up to ``SHARD_ROUNDS`` rounds); shard number -> output path of those that finished."""
@@ -161,7 +214,8 @@ def run_shards(submit, shards: list[sharding.Shard], what: str) -> dict[int, str
 
 
 class Layout:
-    """Where a recipe's sharded outputs live: the same folders as flows.experiment, a shards/ subfolder."""
+    """Where a recipe's sharded outputs live: the same folders as flows.experiment, a shards/ subfolder.
+    The stage bodies below take a Layout or a ``flows.experiment.Context`` (it has these attributes)."""
 
     def __init__(self, recipe: Recipe, workdir: str | None, store_url: str | None = None):
         self.recipe, self.store_url = recipe, store_url
@@ -172,6 +226,8 @@ class Layout:
         self.root = Path(workdir or recipe.execution.workdir).expanduser().resolve()
         self.dir = self.root / recipe.name
         self.results = self.root / ".prefect-results"
+        self.judge_cache = str(self.root / "judgements.sqlite")
+        self.stages: dict[str, str] = {}  # stage label -> computed | reused | cached, as Context.stages
 
 
 def _stage(stage: str, out: Path, key: str, seconds: float, computed: bool, **extra) -> dict:
@@ -184,6 +240,12 @@ def _stage(stage: str, out: Path, key: str, seconds: float, computed: bool, **ex
         "computed": computed,
         **extra,
     }
+
+
+def _record(lay: Layout, label: str, result: dict, cached: bool = False) -> dict:
+    """Note the stage's state under the label flows.experiment uses (the run summary counts them)."""
+    lay.stages.setdefault(label, "cached" if cached else ("computed" if result["computed"] else "reused"))
+    return result
 
 
 def _merged_compute(shard_files) -> dict:
@@ -290,29 +352,28 @@ def iteration_body(lay: Layout, k: int, value_dirs: list[str]) -> dict:
         raise ValueError(
             f"iteration {k} needs the {k - 1} value models of the earlier iterations, got {len(value_dirs)}"
         )
-    rollouts = sharded_rollouts(lay, k, value_dirs)
+    rollouts = _record(lay, f"iteration-{k}/rollouts", sharded_rollouts(lay, k, value_dirs))
     log.info("iteration %d: %d rollout rows from %d shards", k, rollouts["n_prompts"], rollouts["shards"])
-    labels = sharded_labels(lay, k, rollouts)
+    labels = _record(lay, f"iteration-{k}/labels", sharded_labels(lay, k, rollouts))
     key = T.stage_key(
         "value", r.section_digest("policy", "value"), r.seed, k, rollouts["digest"], labels["digest"]
     )
-    value = (
-        T.value_fit_task.with_options(result_storage=lay.results)
-        .submit(
-            recipe=lay.data,
-            iteration=k,
-            rollouts=rollouts["path"],
-            labels=labels["path"],
-            out=str(lay.dir / f"iteration-{k}" / f"value-{key}"),
-            key=key,
-        )
-        .result()
+    fit = T.value_fit_task.with_options(result_storage=lay.results).submit(
+        recipe=lay.data,
+        iteration=k,
+        rollouts=rollouts["path"],
+        labels=labels["path"],
+        out=str(lay.dir / f"iteration-{k}" / f"value-{key}"),
+        key=key,
     )
-    if lay.store_url:  # rows keyed by (run, system, iteration, prompt, row): a repeated insert adds nothing
-        T.store_rollouts_task(
-            lay.store_url, lay.run_key, k, rollouts["path"], labels["path"], lay.reward_name
-        )
-    return {"iteration": k, "rollouts": rollouts, "labels": labels, "value": value}
+    value = _record(lay, f"iteration-{k}/value", fit.result(), cached=fit.state.name == "Cached")
+    return {
+        "iteration": k,
+        "rollouts": rollouts,
+        "labels": labels,
+        "value": value,
+        "stages": dict(lay.stages),
+    }
 
 
 def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) -> dict:
@@ -357,7 +418,7 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
         pipeline._write_atomic(out, json.dumps(pipeline.decode_payload(system, rows, compute), indent=2))
         pipeline._mark_done(out, key)
     data = json.loads(out.read_text())
-    return _stage(
+    result = _stage(
         "decode",
         out,
         key,
@@ -368,6 +429,93 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
         mean_reward=data["mean_reward"],
         compute=data["compute"],
     )
+    return _record(lay, f"eval/decode-{system}", result)
+
+
+def judge_body(
+    lay: Layout, system: str, references: str, outputs: str, allow_reward_judge: bool = False
+) -> dict:
+    """``system``'s outputs (a decode file) judged against ``references`` (eval rows with
+    'reference_output') by the recipe's judge, sharded by prompt. The annotations are merged by prompt
+    index and the metrics computed once on all of them (``flows.judging.judge_payload``, as the unsharded
+    judge stage does, so the file is the same); this process alone writes the SQLite judge cache."""
+    from flows.judging import (
+        DEFAULT_LOCAL_JUDGE,
+        check_independent,
+        ensure_local_judge,
+        judge_fingerprint,
+        judge_payload,
+        split_spec,
+        store_judgements,
+    )
+
+    r, t0 = lay.recipe, time.perf_counter()
+    spec, reward = r.evaluation.judge, lay.data["reward"]
+    check_independent(spec, reward, allow_reward_judge)
+    name, arg = split_spec(spec)
+    if name == "local":  # trained here once if absent, not by every shard at the same time
+        ensure_local_judge(arg or DEFAULT_LOCAL_JUDGE)
+    n = len(json.loads(Path(references).read_text()))
+    shards = sharding.split(n, r.execution.shard_prompts)
+    base = digest_of(
+        [
+            T.code_version(),
+            sharding.SHARD_VERSION,
+            "judge",
+            system,
+            judge_fingerprint(spec, reward),
+            T.digest(references),
+            T.digest(outputs),
+            allow_reward_judge,
+        ]
+    )
+    folder = lay.dir / "eval" / "shards"
+
+    def submit(s: sharding.Shard):
+        key = digest_of([base, s.indices])
+        return judge_shard_task.submit(
+            system=system,
+            judge=spec,
+            reward=reward,
+            references=references,
+            outputs=outputs,
+            name=s.name,
+            indices=s.indices,
+            out=str(folder / f"judge-{system}-{s.name}-{key}.jsonl"),
+            key=key,
+            cache=lay.judge_cache,
+        )
+
+    paths = run_shards(submit, shards, f"judge {system}")
+    key = digest_of([base, n, r.execution.shard_prompts])
+    out = lay.dir / "eval" / f"judge-{system}-sharded-{key}.json"
+    computed = not pipeline.is_done(out, key)
+    if computed:
+        rows = sharding.merge_rows(
+            (pipeline.read_jsonl(Path(p)) for p in paths.values()), n, f"judge {system}"
+        )
+        identities = sorted({row["judge"] for row in rows})
+        if len(identities) != 1:
+            raise sharding.MergeError(f"judge {system}: shards were judged by different judges {identities}")
+        annotations = [{k: v for k, v in row.items() if k not in (sharding.KEY, "judge")} for row in rows]
+        store_judgements(lay.judge_cache, identities[0], annotations)
+        payload = judge_payload(system, identities[0], spec, reward, annotations)
+        pipeline._write_atomic(out, json.dumps(payload, indent=1))
+        pipeline._mark_done(out, key)
+    data = json.loads(out.read_text())
+    T.log_win_rate(system, data["metrics"])
+    result = _stage(
+        "judge",
+        out,
+        key,
+        time.perf_counter() - t0,
+        computed,
+        system=system,
+        shards=len(shards),
+        judge=data["judge"],
+        metrics=data["metrics"],
+    )
+    return _record(lay, f"eval/judge-{system}", result)
 
 
 # --------------------------------------------------------------------------- flows
@@ -417,6 +565,10 @@ def distributed_run(
     r, value_dirs, iterations = lay.recipe, [], []
     for k in range(1, r.iterations.count + 1):
         it = iteration_body(lay, k, list(value_dirs))
+        if store_url:  # rows keyed by (run, system, iteration, prompt, row): a repeated insert adds nothing
+            T.store_rollouts_task(
+                store_url, lay.run_key, k, it["rollouts"]["path"], it["labels"]["path"], lay.reward_name
+            )
         iterations.append(it)
         value_dirs.append(it["value"]["path"])
     decoded = {}
@@ -445,6 +597,24 @@ def spi_distributed(
         workdir=workdir,
         store_url=store_url,
     )
+
+
+def is_sharded(execution: ExecutionConfig) -> bool:
+    """Whether a recipe's stages run sharded by prompt (flows.experiment asks this)."""
+    return execution.task_runner == "dask"
+
+
+def on_cluster() -> bool:
+    """Whether the running flow submits its tasks to a Dask cluster (a flow started by ``spi run``, a
+    deployment or plain Python runs on Prefect's default thread pool instead)."""
+    from prefect.context import FlowRunContext
+
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:  # pragma: no cover - depends on the install
+        return False
+    ctx = FlowRunContext.get()
+    return ctx is not None and isinstance(ctx.task_runner, DaskTaskRunner)
 
 
 def with_runner(flow_obj, recipe: str, overrides: dict | None = None):

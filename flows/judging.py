@@ -20,7 +20,11 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
+import threading
 from pathlib import Path
+
+from evaluation.judges import JudgementCache, judge_pairs
 
 log = logging.getLogger("flows.judging")
 
@@ -192,29 +196,29 @@ def resolve_judge(spec: str, reward_config: dict | None = None):
     )
 
 
-def score_outputs(
-    judge,
-    eval_rows: list[dict],
-    outputs: list[dict],
-    cache_path: str | os.PathLike | None = None,
-    n_boot: int = 2000,
-) -> dict:
-    """Judge ``outputs`` (AlpacaEval dicts, same order as ``eval_rows``) against the references.
-
-    Returns {"metrics": {...}, "annotations": [{index, instruction, output, reference, preference}]}.
-    Metrics: win_rate (+ standard error, bootstrap CI), discrete win rate, the LC win rate where it can
-    be fitted (None otherwise), avg_length.
-    """
-    from evaluation.judges import JudgementCache, judge_pairs
-    from evaluation.metrics import win_rate_ci, win_rate_metrics
-
+def judge_rows(judge, eval_rows: list[dict], outputs: list[dict], cache=None) -> list[dict]:
+    """One annotation per row, {index, instruction, output, reference, preference}: the judge's
+    preference for ``outputs[i]`` over the reference of ``eval_rows[i]`` (asked only where ``cache``,
+    an ``evaluation.judges.JudgementCache`` or None, lacks it)."""
     if [o["instruction"] for o in outputs] != [e["instruction"] for e in eval_rows]:
         raise ValueError("outputs do not answer the eval set's instructions in order")
     instructions = [e["instruction"] for e in eval_rows]
     references = [e["reference_output"] for e in eval_rows]
     answers = [o["output"] for o in outputs]
-    cache = JudgementCache(cache_path) if cache_path else None
     prefs = judge_pairs(judge, instructions, answers, references, cache=cache)
+    return [
+        {"index": e["index"], "instruction": e["instruction"], "output": a, "reference": r, "preference": p}
+        for e, a, r, p in zip(eval_rows, answers, references, prefs, strict=True)
+    ]
+
+
+def annotation_metrics(annotations: list[dict], n_boot: int = 2000) -> dict:
+    """Metrics of all of a system's annotations: win_rate (+ standard error, bootstrap CI), discrete win
+    rate, the LC win rate where it can be fitted (None otherwise), avg_length."""
+    from evaluation.metrics import win_rate_ci, win_rate_metrics
+
+    prefs = [a["preference"] for a in annotations]
+    answers = [a["output"] for a in annotations]
     metrics = win_rate_metrics(prefs)
     if len(prefs) >= 2:
         _, low, high = win_rate_ci(prefs, n_boot=n_boot)
@@ -223,11 +227,11 @@ def score_outputs(
     try:
         from evaluation.length_control import length_controlled_win_rate
 
-        idx = [e["index"] for e in eval_rows]
+        idx = [a["index"] for a in annotations]
         lc = length_controlled_win_rate(
             dict(zip(idx, prefs, strict=True)),
             dict(zip(idx, answers, strict=True)),
-            dict(zip(idx, references, strict=True)),
+            dict(zip(idx, [a["reference"] for a in annotations], strict=True)),
             n_splits=min(5, len(prefs)),
         )
         metrics["length_controlled_winrate"] = lc["length_controlled_winrate"]
@@ -235,8 +239,50 @@ def score_outputs(
     except Exception as err:  # too few or degenerate preferences: the LC GLM cannot be fitted
         log.info("length-controlled win rate not computable: %s", err)
     metrics["avg_length"] = sum(len(a) for a in answers) / max(len(answers), 1)
-    annotations = [
-        {"index": e["index"], "instruction": e["instruction"], "output": a, "reference": r, "preference": p}
-        for e, a, r, p in zip(eval_rows, answers, references, prefs, strict=True)
-    ]
-    return {"metrics": metrics, "annotations": annotations}
+    return metrics
+
+
+def judge_payload(system: str, identity: str, spec: str, reward: dict, annotations: list[dict]) -> dict:
+    """The judge stage's file: who judged, the metrics of all annotations, the annotations."""
+    return {
+        "system": system,
+        "judge": identity,
+        "judge_spec": spec,
+        "reward_model": f"{reward.get('kind')}:{reward.get('model')}",
+        "metrics": annotation_metrics(annotations),
+        "annotations": annotations,
+    }
+
+
+class ShardJudgementCache(JudgementCache):
+    """The judge cache as a shard task sees it: reads the SQLite cache read-only, keeps nothing it
+    judges (the annotations carry the preferences). Only the flow process writes the SQLite file, after
+    the merge (:func:`store_judgements`), so shard tasks on many workers never write it at once; this
+    holds on a shared network filesystem too, where SQLite's file locks (and WAL's shared memory, which
+    needs one host) cannot be trusted."""
+
+    def __init__(self, path: str | os.PathLike):  # no mkdir, no CREATE TABLE: nothing written
+        self.path, self._lock = Path(path), threading.Lock()
+
+    def _connect(self):
+        return sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=30)
+
+    def get_many(self, keys) -> dict[str, float]:
+        try:
+            return super().get_many(keys)
+        except sqlite3.Error:  # no cache yet, or locked past the timeout: judge those pairs afresh
+            return {}
+
+    def put_many(self, identity: str, items: dict[str, float]) -> None:
+        pass
+
+
+def store_judgements(path: str | os.PathLike, identity: str, annotations: list[dict]) -> None:
+    """Write annotations' preferences into the SQLite judge cache (one writer: the flow process)."""
+    JudgementCache(path).put_many(
+        identity,
+        {
+            JudgementCache.key(identity, a["instruction"], a["reference"], a["output"]): a["preference"]
+            for a in annotations
+        },
+    )

@@ -261,7 +261,8 @@ def judge_task(
     allow_reward_judge: bool = False,
 ) -> dict:
     """AlpacaEval-style scoring of one system's outputs against the references with ``judge``."""
-    from flows.judging import check_independent, resolve_judge, score_outputs
+    from evaluation.judges import JudgementCache
+    from flows.judging import check_independent, judge_payload, judge_rows, resolve_judge
 
     out, t0 = Path(out), time.perf_counter()
     computed = not out.exists()
@@ -270,8 +271,16 @@ def judge_task(
     answers = json.loads(Path(outputs).read_text())["outputs"]
     judge_model = resolve_judge(judge, reward)
     _logger().info("judging %s (%d outputs) with %s", system, len(answers), judge_model.identity)
-    scored = score_outputs(judge_model, rows, answers, cache_path=cache)
-    m = scored["metrics"]
+    annotations = judge_rows(judge_model, rows, answers, JudgementCache(cache) if cache else None)
+    payload = judge_payload(system, judge_model.identity, judge, reward, annotations)
+    log_win_rate(system, payload["metrics"])
+    _write_json(out, payload)
+    return _stage_result(
+        "judge", out, key, t0, computed, system=system, judge=judge_model.identity, metrics=payload["metrics"]
+    )
+
+
+def log_win_rate(system: str, m: dict) -> None:
     lc = m["length_controlled_winrate"]
     _logger().info(
         "%s: win rate %.2f [%.2f, %.2f], LC %s",
@@ -280,17 +289,6 @@ def judge_task(
         m.get("win_rate_ci_low", float("nan")),
         m.get("win_rate_ci_high", float("nan")),
         "n/a" if lc is None else f"{lc:.2f}",
-    )
-    payload = {
-        "system": system,
-        "judge": judge_model.identity,
-        "judge_spec": judge,
-        "reward_model": f"{reward.get('kind')}:{reward.get('model')}",
-        **scored,
-    }
-    _write_json(out, payload)
-    return _stage_result(
-        "judge", out, key, t0, computed, system=system, judge=judge_model.identity, metrics=m
     )
 
 

@@ -83,3 +83,13 @@ def reference(tmp_path_factory, eval_set):
         r, "spi-1", [value], xs, d / "spi-1.json", datasets=["bench"] * len(xs), progress=False
     )
     return {"rollouts": rollouts, "labels": labels, "value": value, "decoded": decoded}
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """An empty MLflow SQLite database (its schema migrations take ~20 s here), made once and copied."""
+    from mlflow_store.tracking import client_for, default_tracking_uri
+
+    uri = default_tracking_uri(tmp_path_factory.mktemp("mlflow_template"))
+    client_for(uri)
+    return Path(uri[len("sqlite:///") :])
