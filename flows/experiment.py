@@ -38,6 +38,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows import distributed, report
 from flows import tasks as T
 from flows.judging import judge_fingerprint
 from spi.config import Recipe, digest_of, load_recipe
@@ -278,6 +279,8 @@ def _prepare_eval(ctx: Context) -> tuple[dict, dict]:
 
 def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) -> dict:
     r = ctx.recipe
+    if distributed.is_sharded(r.execution):
+        return distributed.decode_body(ctx, system, value_dirs, eval_set["path"])
     key = T.stage_key(
         "decode",
         system,
@@ -301,6 +304,8 @@ def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) ->
 def _judge(ctx: Context, system: str, references: dict, decoded: dict, allow_reward_judge: bool) -> dict:
     spec = ctx.recipe.evaluation.judge
     reward = ctx.data["reward"]
+    if distributed.is_sharded(ctx.recipe.execution):
+        return distributed.judge_body(ctx, system, references["path"], decoded["path"], allow_reward_judge)
     key = T.stage_key(
         "judge",
         system,
@@ -362,34 +367,47 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(ctx: Context, rows: list[dict], judge: str, promotions: list[dict], run_id: str) -> str:
+def _report_head(ctx: Context, judge: str, run_id: str, paired: list[dict]) -> list[str]:
     r = ctx.recipe
-    out = [
+    beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired if not p["within_noise"]]
+    verdict = (
+        "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
+        if beyond
+        else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
+        "interval holds 0)." if paired else ""
+    )
+    return [
         f"# SPI experiment `{r.name}` ({r.digest})",
         "",
         f"Judge: `{judge}`; reward model (used for training, not for judging): `{ctx.reward_name}`.",
         f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.",
         "",
-        "| system | iter | mean reward | win rate | 95% CI | LC win rate | policy tokens |",
-        "|---|---|---|---|---|---|---|",
+        verdict,
     ]
-    for row in rows:
-        lc = row["length_controlled_winrate"]
-        lo, hi = row["win_rate_ci_low"], row["win_rate_ci_high"]
-        ci = f"[{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else "n/a"
-        out.append(
-            f"| {row['system']} | {row['iteration'] if row['iteration'] is not None else '-'} | "
-            f"{row['mean_reward']:.4f} | {row['win_rate']:.2f} | {ci} | "
-            f"{'n/a' if lc is None else f'{lc:.2f}'} | {row['policy_tokens']} |"
-        )
-    if promotions:
-        out += ["", "## Value model registry", ""]
-        out += [
-            f"- iteration {p['iteration']}: version {p['candidate_version']} "
-            f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}"
-            for p in promotions
-        ]
-    return "\n".join(out) + "\n"
+
+
+def _matched_best_of_n(ctx: Context, rows: list[dict], eval_set: dict, n_eval: int):
+    """(system, decode, "spi-k, ...") for Best-of-N at each spi-k's generated tokens (training included):
+    the widest is decoded, the others are its first N rows (the rows they would sample themselves)."""
+    s = ctx.recipe.search
+    sizes = report.matched_sizes(rows, s.width * s.successors, n_eval)
+    if not sizes:
+        return []
+    widest = max(sizes.values())
+    decoded = _decode(ctx, f"best-of-n:{widest}", [], eval_set)
+    out = []
+    for n in sorted(set(sizes.values())):
+        name = f"best-of-n:{n}"
+        matches = ", ".join(f"spi-{k}" for k in sorted(sizes) if sizes[k] == n)
+        if n == widest:
+            out.append((name, decoded, matches))
+            continue
+        key = T.stage_key("best-of-first", n, decoded["digest"])
+        out.append((name, ctx.run_stage(
+            f"eval/decode-{name}", T.best_of_first_task, source=decoded["path"], n=n,
+            out=str(ctx.dir / "eval" / f"{name.replace(':', '-')}-{key}.json"), key=key,
+        ), matches))
+    return out
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -413,6 +431,9 @@ def spi_experiment(
 
     log = get_run_logger()
     r = _load(recipe, overrides)
+    if distributed.is_sharded(r.execution) and not distributed.on_cluster():  # again, on the Dask runner
+        on_dask = distributed.with_runner(spi_experiment, recipe, overrides)
+        return on_dask(recipe, overrides, workdir, allow_reward_judge)
     ctx = Context(r, workdir, recipe, overrides)
     check_judge_available(r.evaluation.judge)  # fail before hours of iterations, not after
     check_independent(r.evaluation.judge, ctx.data["reward"], allow_reward_judge)
@@ -472,13 +493,16 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
 
     iterations, value_dirs = [], []
     for k in range(1, r.iterations.count + 1):
-        it = spi_iteration.with_options(flow_run_name=f"{r.name}-iter{k}")(
-            recipe=ctx.source,
-            overrides=ctx.overrides,
-            iteration=k,
-            value_dirs=list(value_dirs),
-            workdir=str(ctx.root),
-        )
+        if distributed.is_sharded(r.execution):  # sharded by prompt on this flow's Dask runner
+            it = distributed.iteration_body(ctx, k, list(value_dirs))
+        else:
+            it = spi_iteration.with_options(flow_run_name=f"{r.name}-iter{k}")(
+                recipe=ctx.source,
+                overrides=ctx.overrides,
+                iteration=k,
+                value_dirs=list(value_dirs),
+                workdir=str(ctx.root),
+            )
         iterations.append(it)
         ctx.stages.update(it["stages"])
         advance()
@@ -509,16 +533,26 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
     systems += [(f"spi-{k}", k, value_dirs[:k]) for k in range(1, r.iterations.count + 1)]
     rows, judged_by = [], None
     judged: dict[str, tuple[dict, dict]] = {}
-    for name, k, dirs in systems:
-        decoded = _decode(ctx, name, dirs, eval_set)
+    n_eval = len(json.loads(Path(references["path"]).read_text()))
+
+    def judge_and_store(name, k, decoded, **extra):
+        nonlocal judged_by
         judgement = _judge(ctx, name, references, decoded, allow_reward_judge)
         judged_by = judgement["judge"]
         judged[name] = (decoded, judgement)
-        advance()
-        rows.append(system_row(name, k, decoded, judgement))
+        row = system_row(name, k, decoded, judgement)
+        row.update(report.cost_fields(row, decoded, iterations, n_eval), **extra)
+        rows.append(row)
         T.store_generations_task(
             ctx.store_url, ctx.run_key, name, k or 0, decoded["path"], judgement["path"], ctx.reward_name
         )
+
+    for name, k, dirs in systems:
+        judge_and_store(name, k, _decode(ctx, name, dirs, eval_set))
+        advance()
+    if r.baselines.budget_matched_best_of_n:
+        for name, decoded, matches in _matched_best_of_n(ctx, rows, eval_set, n_eval):
+            judge_and_store(name, None, decoded, matches=matches)
 
     # 3. tracking: a child run per baseline and per iteration; register and promote value models
     promotions = []
@@ -561,7 +595,13 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
 
     # 4. comparison: table, markdown, Prefect artifacts, parent-run artifacts, summary
     table = format_table(rows)
-    markdown = _markdown(ctx, rows, judged_by, promotions, run_id)
+    plot_dir = ctx.dir / f"report-{r.digest[:12]}-plots"
+    plots = report.write_plots(rows, plot_dir, f"{r.name} ({judged_by})") if rows else []
+    paired = report.paired_rows(rows, judged)
+    markdown = report.render(
+        _report_head(ctx, judged_by, run_id, paired), rows, iterations, paired,
+        [f"{plot_dir.name}/{p.name}" for p in plots], report.examples(rows, judged), promotions,
+    )
     create_table_artifact(
         key=f"{slug}-comparison",
         table=[{k: _round(v) for k, v in row.items()} for row in rows],
@@ -582,17 +622,20 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         "reward_model": ctx.reward_name,
         "eval_set": references["path"],
         "systems": {row["system"]: {k: v for k, v in row.items() if k != "system"} for row in rows},
+        "paired": paired,
         "promotions": promotions,
         "stages": dict(ctx.stages),
         "table": table,
     }
-    report = ctx.dir / f"report-{r.digest[:12]}.md"
-    report.write_text(markdown)
+    report_file = ctx.dir / f"report-{r.digest[:12]}.md"
+    report_file.write_text(markdown)
     summary_file = ctx.dir / f"summary-{r.digest[:12]}.json"
-    summary["report"] = str(report)
+    summary["report"] = str(report_file)
     summary_file.write_text(json.dumps(summary, indent=1))
-    tracking.log_artifacts(ctx.tracking_uri, run_id, report, "report")
+    tracking.log_artifacts(ctx.tracking_uri, run_id, report_file, "report")
     tracking.log_artifacts(ctx.tracking_uri, run_id, summary_file, "report")
+    for plot in plots:
+        tracking.log_artifacts(ctx.tracking_uri, run_id, plot, f"report/{plot_dir.name}")
     tracking.log_artifacts(ctx.tracking_uri, run_id, references["path"], "eval")
     log.info("comparison (judge %s):\n%s", judged_by, table)
     return summary

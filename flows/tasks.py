@@ -233,6 +233,17 @@ def decode_task(recipe: dict, system: str, value_dirs: list[str], eval_set: str,
     )
 
 
+@task(name="best-of-first", cache_key_fn=stage_cache_key, task_run_name="decode-best-of-n:{n}")
+def best_of_first_task(source: str, n: int, out: str, key: str) -> dict:
+    """Best-of-n read from the leaves of a wider Best-of-N decode (no model runs)."""
+    out, t0 = Path(out), time.perf_counter()
+    computed = not out.exists()
+    data = pipeline.best_of_first(json.loads(Path(source).read_text()), n)
+    _write_json(out, data)
+    return _stage_result("decode", out, key, t0, computed, system=data["system"], mean_reward=data["mean_reward"],
+                         compute=data["compute"])
+
+
 @task(name="references", cache_key_fn=stage_cache_key)
 def references_task(eval_set: str, generated: str, generator: str, out: str, key: str) -> dict:
     """The eval set with references written by ``generator`` (a system's decode output)."""

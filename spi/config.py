@@ -114,6 +114,10 @@ class BaselineConfig(Section):
     weak_to_strong_untuned: str | None = None
     args_weight: float = 1.0
     args_top_k: int = Field(10, ge=1)
+    budget_matched_best_of_n: bool = Field(
+        False,
+        description="also run best-of-n:N_k with N_k matching spi-k's generated tokens, training rollouts included",
+    )
 
 
 class EvaluationConfig(Section):

@@ -207,9 +207,17 @@ def decode_rows(recipe: Recipe, system: str, value_dirs: list[Path], instruction
             known[j] = score
     rows = [{"prompt_index": i, "instruction": x, "output": y, "generator": system,
              "dataset": datasets[i] if datasets else None, "reward": k,
-             "boundaries": r.boundaries, "beam_changes": r.beam_changes}
+             "boundaries": r.boundaries, "beam_changes": r.beam_changes, "leaves": _leaves(r)}
             for i, x, y, k, r in zip(indices, chosen, answers, known, result.results, strict=True)]
     return rows, result.compute.as_dict()
+
+
+def _leaves(result) -> list[dict] | None:
+    """Every leaf of a reward-picked search, in row order (Best-of-n for n < N is read from these)."""
+    if not result.leaf_rewards:
+        return None
+    return [{"output": text, "tokens": len(ids), "reward": reward}
+            for text, ids, reward in zip(result.responses, result.response_ids, result.leaf_rewards, strict=True)]
 
 
 def decode_payload(system: str, rows: list[dict], compute: dict) -> dict:
@@ -217,7 +225,36 @@ def decode_payload(system: str, rows: list[dict], compute: dict) -> dict:
     outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset", "reward")} for r in rows]
     rewards = [r["reward"] for r in rows]
     return {"system": system, "outputs": outputs, "compute": compute, "mean_reward": sum(rewards) / len(rewards),
-            "boundaries": sum(r["boundaries"] for r in rows), "beam_changes": sum(r["beam_changes"] for r in rows)}
+            "boundaries": sum(r["boundaries"] for r in rows), "beam_changes": sum(r["beam_changes"] for r in rows),
+            "leaves": [r.get("leaves") for r in rows]}
+
+
+def best_of_first(payload: dict, n: int) -> dict:
+    """Best-of-n from the decode of a Best-of-N system (N >= n): the highest-reward leaf among the first
+    n rows. Rows own their randomness, so these are the rows ``best-of-n:n`` samples itself; its compute
+    is the first n leaves' tokens and reward calls, with the shared prompt prefill counted once (policy
+    tokens within one per dropped row: a row's last token is never run) and the seconds and reward
+    tokens prorated by generated tokens."""
+    leaves = payload.get("leaves") or []
+    if not leaves or any(not row or len(row) < n for row in leaves):
+        raise ValueError(f"best-of-n:{n} needs a Best-of-N decode with at least {n} scored leaves per prompt")
+    outputs, generated = [], 0
+    for out, row in zip(payload["outputs"], leaves, strict=True):
+        first = row[:n]
+        best = max(range(n), key=lambda j: (first[j]["reward"], -j))  # first index on ties
+        outputs.append({**out, "output": first[best]["output"], "reward": first[best]["reward"],
+                        "generator": f"best-of-n:{n}"})
+        generated += sum(leaf["tokens"] for leaf in first)
+    full = payload["compute"]
+    share = generated / full["generated_tokens"] if full.get("generated_tokens") else n / len(leaves[0])
+    compute = {key: (round(value * share, 4) if key.startswith("seconds_") else value) for key, value in full.items()}
+    compute.update(generated_tokens=generated, policy_tokens=full["policy_tokens"] - full["generated_tokens"] + generated,
+                   reward_calls=n * len(outputs), reward_tokens=round(full.get("reward_tokens", 0) * share),
+                   derived_from=payload["system"])
+    rewards = [o["reward"] for o in outputs]
+    return {"system": f"best-of-n:{n}", "outputs": outputs, "compute": compute,
+            "mean_reward": sum(rewards) / len(rewards), "boundaries": 0, "beam_changes": 0,
+            "leaves": [row[:n] for row in leaves]}
 
 
 def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructions: list[str], out: Path,

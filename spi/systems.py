@@ -3,6 +3,7 @@
     base-greedy    W=1, K=1, temperature 0
     base-sampled   W=1, K=1
     best-of-n      W=1, K=W*K, one chunk, final pick by reward
+    best-of-n:N    the same with N rows (Best-of-N at another budget)
     blockwise-cd   W=1, K=W*K, L, guided by V_1 (controlled decoding with the first value model)
     spi-k          W, K, L, guided by sum_{i<=k} V_i / beta_i, final pick by reward
     weak-to-strong W, K, L, guided by log pi_tuned - log pi_untuned of a small pair
@@ -54,8 +55,9 @@ def system_plan(name: str, recipe, policy, value_models=(), reward_model=None, w
         return replace(base, width=1, successors=1, temperature=0.0), None
     if name == "base-sampled":
         return replace(base, width=1, successors=1), None
-    if name == "best-of-n":
-        return replace(base, width=1, successors=n, chunk_length=None, final_pick="reward"), None
+    if name == "best-of-n" or name.startswith("best-of-n:"):
+        rows = best_of_n_rows(name, n)
+        return replace(base, width=1, successors=rows, chunk_length=None, final_pick="reward"), None
     if name == "blockwise-cd":
         _need(value_models, name)
         return replace(base, width=1, successors=n), value_guide(value_models[:1], [1.0], policy)
@@ -76,6 +78,16 @@ def system_plan(name: str, recipe, policy, value_models=(), reward_model=None, w
         return replace(base, width=1, successors=args.args_top_k, chunk_length=1, proposal="topk",
                        final_pick="value"), guide
     raise ValueError(f"unknown system '{name}'")
+
+
+def best_of_n_rows(name: str, default: int) -> int:
+    """N of ``best-of-n`` (``default``) or ``best-of-n:N``."""
+    if name == "best-of-n":
+        return default
+    text = name.split(":", 1)[1]
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"system '{name}': N of best-of-n:N must be a positive integer")
+    return int(text)
 
 
 def _need(value_models, name):

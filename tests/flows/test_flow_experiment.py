@@ -21,7 +21,9 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_summary_json(experiment):
     workdir, summary, _ = experiment
     assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
-    assert set(summary["systems"]) == {"base-greedy", "base-sampled", "spi-1", "spi-2"}
+    matched = {name for name in summary["systems"] if name.startswith("best-of-n:")}
+    assert set(summary["systems"]) == {"base-greedy", "base-sampled", "spi-1", "spi-2"} | matched
+    assert 1 <= len(matched) <= 2
     assert summary["systems"]["base-sampled"]["iteration"] is None
     # base-greedy wrote the references: judged against itself it ties, and its decode ran once
     assert summary["systems"]["base-greedy"]["win_rate"] == pytest.approx(50.0)
@@ -50,6 +52,35 @@ def test_summary_json(experiment):
     )
 
 
+def test_budget_matched_best_of_n_and_the_report(experiment):
+    """Best-of-N at each spi-k's generated tokens (training amortised), paired differences, plots and
+    examples in the report, the plots logged beside it in MLflow."""
+    from mlflow_store import tracking
+
+    workdir, summary, full = experiment
+    rows = full["systems"]
+    for k in (1, 2):
+        spi = rows[f"spi-{k}"]
+        (name, bon), = [(n, r) for n, r in rows.items() if f"spi-{k}" in (r.get("matches") or "").split(", ")]
+        assert int(name.split(":")[1]) > 4  # more rows than the search's W*K: training costs tokens
+        per_leaf = spi["generated_tokens"] / (6 * 4)
+        assert abs(bon["tokens_per_instruction"] - spi["tokens_per_instruction"]) <= per_leaf
+        assert spi["training_tokens"] > 0 and bon["training_tokens"] == 0
+    assert rows["spi-2"]["training_tokens"] > rows["spi-1"]["training_tokens"]
+    pairs = {(p["system"], p["against"]) for p in full["paired"]}
+    assert ("spi-1", max(("base-greedy", "base-sampled"), key=lambda n: rows[n]["win_rate"])) in pairs
+    assert all(-100 <= p["ci_low"] <= p["mean_difference"] <= p["ci_high"] <= 100 for p in full["paired"])
+    text = Path(full["report"]).read_text()
+    for heading in ("## Paired differences", "## Value fits", "## Plots", "## Examples"):
+        assert heading in text
+    plots = sorted(Path(full["report"]).parent.glob(f"report-{full['digest'][:12]}-plots/*.png"))
+    assert [p.name for p in plots] == ["win-rate-vs-compute.png", "win-rate-vs-iteration.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    client = tracking.client_for(summary["tracking_uri"])
+    logged = {a.path for a in client.list_artifacts(summary["experiment_run_id"], f"report/{plots[0].parent.name}")}
+    assert logged == {f"report/{plots[0].parent.name}/{p.name}" for p in plots}
+
+
 def test_mlflow_runs_metrics_and_artifacts(experiment):
     from mlflow_store import tracking
 
@@ -66,7 +97,8 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     }
 
     children = {(c["system"], c["iteration"]): c for c in tracking.child_runs(uri, run_id)}
-    assert set(children) == {("base-greedy", 0), ("base-sampled", 0), ("spi", 1), ("spi", 2)}
+    matched = {(name, 0) for name in summary["systems"] if name.startswith("best-of-n:")}
+    assert set(children) == {("base-greedy", 0), ("base-sampled", 0), ("spi", 1), ("spi", 2)} | matched
     spi1 = children[("spi", 1)]
     for key in (
         "win_rate",
@@ -140,10 +172,11 @@ def test_store_rows(experiment):
         assert store.count("rollouts") == 32
         assert store.count("rewards", reward_model=full["reward_model"]) == 32
         assert store.count("value_datasets", run_key=f"tiny:{full['digest']}") == 2
-        assert store.count("generations") == 4 * 6
+        assert store.count("generations") == len(summary["systems"]) * 6
         assert store.count("judgements", judge=full["judge"]) >= 6
         rows = {(r["system"], r["iteration"]): r for r in store.compare_runs(judge=full["judge"])}
-        assert set(rows) == {("base-greedy", 0), ("base-sampled", 0), ("spi-1", 1), ("spi-2", 2)}
+        matched = {(name, 0) for name in summary["systems"] if name.startswith("best-of-n:")}
+        assert set(rows) == {("base-greedy", 0), ("base-sampled", 0), ("spi-1", 1), ("spi-2", 2)} | matched
         assert rows[("spi-1", 1)]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
     finally:
         store.close()
@@ -188,7 +221,7 @@ def test_rerun_is_cached_and_resumes_the_same_parent_run(experiment, tmp_path):
     exp = client.get_experiment_by_name("tiny")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`spi.role` = 'experiment'")
     assert len(parents) == 1
-    assert len(tracking.child_runs(summary["tracking_uri"], summary["experiment_run_id"])) == 4
+    assert len(tracking.child_runs(summary["tracking_uri"], summary["experiment_run_id"])) == len(summary["systems"])
 
 
 def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path):

@@ -88,3 +88,27 @@ def test_smoke_recipe_guided_policy_beats_base(tmp_path):
     print(f"mean reward: base {statistics.mean(base):.3f}, spi-2 {statistics.mean(guided):.3f}, "
           f"paired gain {mean:.3f} +- {se:.3f}; value fits {summary['value_fits']}")
     assert mean > 2 * se
+
+
+def test_best_of_first_n_equals_best_of_n_decoded_directly(tmp_path):
+    """Best-of-4 read from the leaves of a Best-of-8 decode = best-of-n:4 decoded on its own (rows own
+    their randomness), with the first 4 leaves' tokens and reward calls as its compute."""
+    from spi.pipeline import best_of_first, decode_payload, decode_rows
+    from spi.systems import best_of_n_rows
+
+    recipe = _tiny_recipe(tmp_path, {"sampling": {"max_new_tokens": 12}})
+    instructions = heldout_instructions(recipe, 3)
+    wide = decode_payload("best-of-n:8", *decode_rows(recipe, "best-of-n:8", [], instructions, progress=False))
+    narrow = decode_payload("best-of-n:4", *decode_rows(recipe, "best-of-n:4", [], instructions, progress=False))
+    derived = best_of_first(wide, 4)
+    assert [o["output"] for o in derived["outputs"]] == [o["output"] for o in narrow["outputs"]]
+    assert derived["mean_reward"] == pytest.approx(narrow["mean_reward"], abs=1e-5)
+    assert derived["compute"]["generated_tokens"] == narrow["compute"]["generated_tokens"]
+    # the policy does not run a row's last sampled token: exact up to one token per dropped row
+    assert abs(derived["compute"]["policy_tokens"] - narrow["compute"]["policy_tokens"]) <= 4 * 3
+    assert derived["compute"]["reward_calls"] == narrow["compute"]["reward_calls"] == 12
+    assert derived["compute"]["generated_tokens"] < wide["compute"]["generated_tokens"]
+    with pytest.raises(ValueError, match="at least 9"):
+        best_of_first(wide, 9)
+    with pytest.raises(ValueError, match="positive integer"):
+        best_of_n_rows("best-of-n:x", 4)

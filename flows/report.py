@@ -1,0 +1,223 @@
+"""The experiment report: what each system costs, whether SPI beats the baselines, and why (or why not).
+
+Everything here reads plain dicts and the stage files the flow already wrote (decode outputs, judge
+annotations); the flow logs the markdown and the plots to MLflow and as Prefect artifacts.
+
+    cost_fields       per-system compute with the SPI training it relies on amortised over the
+                      evaluation instructions (spi-k: iterations 1..k; blockwise-cd: iteration 1)
+    matched_sizes     N of Best-of-N whose generated tokens match each spi-k's (training included)
+    paired_rows       spi-k minus the best baseline (and minus its budget-matched Best-of-N), per
+                      instruction, with bootstrap intervals; "within noise" when the interval holds 0
+    write_plots       win rate against iteration and against compute (PNG)
+    render            the markdown
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from evaluation.metrics import paired_comparison
+
+
+def training_iterations(system: str, iteration: int | None) -> int:
+    """How many SPI iterations' rollouts a system's value models were fitted on."""
+    if iteration is not None:
+        return iteration
+    return 1 if system == "blockwise-cd" else 0
+
+
+def cost_fields(row: dict, decoded: dict, iterations: list[dict], n_instructions: int) -> dict:
+    """Generated tokens and reward calls per instruction, the system's own and its training's."""
+    k = training_iterations(row["system"], row["iteration"])
+    train_tokens = sum(int(it["rollouts"]["compute"].get("generated_tokens", 0)) for it in iterations[:k])
+    train_rewards = sum(_labelled_leaves(it["labels"]["path"]) for it in iterations[:k])
+    data = json.loads(Path(decoded["path"]).read_text())
+    boundaries = data.get("boundaries") or 0
+    return {
+        "training_tokens": train_tokens,
+        "tokens_per_instruction": (row["generated_tokens"] + train_tokens) / n_instructions,
+        "reward_calls_per_instruction": (int(decoded["compute"].get("reward_calls", 0)) + train_rewards)
+        / n_instructions,
+        "beam_change_rate": (data.get("beam_changes", 0) / boundaries) if boundaries else None,
+    }
+
+
+def _labelled_leaves(path: str) -> int:
+    return sum(len(json.loads(line)["rewards"]) for line in Path(path).read_text().splitlines() if line.strip())
+
+
+def matched_sizes(rows: list[dict], rows_per_prompt: int, n_instructions: int) -> dict[int, int]:
+    """{k: N_k}: Best-of-N_k generates as many tokens per instruction as spi-k, its training included,
+    at spi-k's tokens per leaf (N_k >= the search's W*K rows)."""
+    sizes = {}
+    for row in rows:
+        if row["iteration"] is None or not row["generated_tokens"]:
+            continue
+        per_leaf = row["generated_tokens"] / (n_instructions * rows_per_prompt)
+        sizes[row["iteration"]] = max(rows_per_prompt, round(row["tokens_per_instruction"] / per_leaf))
+    return sizes
+
+
+def preferences(judgement: dict) -> list[float]:
+    annotations = json.loads(Path(judgement["path"]).read_text())["annotations"]
+    return [a["preference"] for a in sorted(annotations, key=lambda a: a["index"])]
+
+
+def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]]) -> list[dict]:
+    """Each spi-k against the baseline with the best win rate and against its matched Best-of-N."""
+    baselines = [r for r in rows if r["iteration"] is None and not r.get("matches")]
+    best = max(baselines, key=lambda r: r["win_rate"], default=None)
+    out = []
+    for row in rows:
+        if row["iteration"] is None:
+            continue
+        rivals = [best] if best else []
+        rivals += [r for r in rows if r.get("matches") == row["system"]]
+        for rival in rivals:
+            diff = paired_comparison(preferences(judged[row["system"]][1]), preferences(judged[rival["system"]][1]))
+            out.append({
+                "system": row["system"], "against": rival["system"],
+                "why": "best baseline" if rival is best else "same generated tokens",
+                **diff, "within_noise": diff["ci_low"] <= 0 <= diff["ci_high"],
+            })
+    return out
+
+
+def write_plots(rows: list[dict], folder: Path, title: str) -> list[Path]:
+    """win-rate-vs-iteration.png and win-rate-vs-compute.png in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spi = sorted((r for r in rows if r["iteration"] is not None), key=lambda r: r["iteration"])
+    others = [r for r in rows if r["iteration"] is None]
+
+    def errors(rs):
+        return [[r["win_rate"] - (r["win_rate_ci_low"] if r["win_rate_ci_low"] is not None else r["win_rate"]) for r in rs],
+                [(r["win_rate_ci_high"] if r["win_rate_ci_high"] is not None else r["win_rate"]) - r["win_rate"] for r in rs]]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if spi:
+        ax.errorbar([r["iteration"] for r in spi], [r["win_rate"] for r in spi], yerr=errors(spi), marker="o",
+                    capsize=3, label="spi-k (95% CI)")
+    for i, r in enumerate(r for r in others if not r.get("matches")):
+        ax.axhline(r["win_rate"], linestyle="--", linewidth=1, color=f"C{i + 1}", label=r["system"])
+    ax.set(xlabel="SPI iteration k", ylabel="win rate vs references (%)", title=title)
+    ax.set_xticks([r["iteration"] for r in spi] or [1])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    by_iteration = folder / "win-rate-vs-iteration.png"
+    fig.savefig(by_iteration, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    families = {"spi-k": spi,
+                "best-of-n": sorted((r for r in others if r["system"].startswith("best-of-n")),
+                                    key=lambda r: r["tokens_per_instruction"])}
+    for label, rs in families.items():
+        if rs:
+            ax.errorbar([r["tokens_per_instruction"] for r in rs], [r["win_rate"] for r in rs], yerr=errors(rs),
+                        marker="o", capsize=3, label=label)
+    for r in others:
+        if not r["system"].startswith("best-of-n"):
+            ax.scatter([r["tokens_per_instruction"]], [r["win_rate"]], marker="s")
+            ax.annotate(r["system"], (r["tokens_per_instruction"], r["win_rate"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="generated tokens per instruction (SPI training amortised)",
+           ylabel="win rate vs references (%)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    by_compute = folder / "win-rate-vs-compute.png"
+    fig.savefig(by_compute, dpi=110)
+    plt.close(fig)
+    return [by_iteration, by_compute]
+
+
+def examples(rows: list[dict], judged: dict[str, tuple[dict, dict]], count: int = 3, width: int = 400) -> list[str]:
+    """Markdown of ``count`` instructions where the last SPI iteration and the best baseline disagree
+    most (by judge preference), their outputs side by side."""
+    spi = [r for r in rows if r["iteration"] is not None]
+    baselines = [r for r in rows if r["iteration"] is None and not r.get("matches")]
+    if not spi or not baselines:
+        return []
+    last = max(spi, key=lambda r: r["iteration"])
+    best = max(baselines, key=lambda r: r["win_rate"])
+    annotated = {}
+    for row in (last, best):
+        annotations = json.loads(Path(judged[row["system"]][1]["path"]).read_text())["annotations"]
+        annotated[row["system"]] = {a["index"]: a for a in annotations}
+    a, b = annotated[last["system"]], annotated[best["system"]]
+    order = sorted(a, key=lambda i: -abs(a[i]["preference"] - b[i]["preference"]))[:count]
+
+    def cell(text: str) -> str:
+        text = " ".join(text.split())
+        return (text[:width] + " ...") if len(text) > width else text
+
+    out = []
+    for i in order:
+        out += [f"**Instruction {i}:** {cell(a[i]['instruction'])}", "",
+                f"| {last['system']} (preference {a[i]['preference']:.2f}) | {best['system']} (preference "
+                f"{b[i]['preference']:.2f}) |", "|---|---|",
+                f"| {cell(a[i]['output']).replace('|', '/')} | {cell(b[i]['output']).replace('|', '/')} |", ""]
+    return out
+
+
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and x is not None and math.isfinite(x) else "n/a"
+
+
+def render(head: list[str], rows: list[dict], iterations: list[dict], paired: list[dict], plots: list[str],
+           example_lines: list[str], promotions: list[dict]) -> str:
+    out = head + [
+        "",
+        "## Systems",
+        "",
+        "Compute per evaluation instruction; SPI's rollouts and reward labels are amortised over the "
+        "evaluation instructions (spi-k: iterations 1..k, blockwise-cd: iteration 1). The head-on-policy "
+        "value adds no model calls of its own.",
+        "",
+        "| system | iter | mean reward | win rate | 95% CI | LC win rate | generated tokens | tokens incl. training "
+        "| reward calls incl. training | beam changed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
+        ci = f"[{_num(r['win_rate_ci_low'], '.1f')}, {_num(r['win_rate_ci_high'], '.1f')}]"
+        out.append(
+            f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} | {_num(r['mean_reward'], '.4f')} "
+            f"| {r['win_rate']:.2f} | {ci} | {_num(r['length_controlled_winrate'], '.2f')} "
+            f"| {r['generated_tokens']} | {_num(r['tokens_per_instruction'], '.0f')} "
+            f"| {_num(r['reward_calls_per_instruction'], '.1f')} | {_num(r['beam_change_rate'], '.0%')} |"
+        )
+    if paired:
+        out += ["", "## Paired differences (win rate points, same instructions)", "",
+                "| system | against | why | difference | 95% CI | p | reading |", "|---|---|---|---|---|---|---|"]
+        for p in paired:
+            reading = "within noise" if p["within_noise"] else ("better" if p["mean_difference"] > 0 else "worse")
+            out.append(f"| {p['system']} | {p['against']} | {p['why']} | {p['mean_difference']:+.2f} "
+                       f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {reading} |")
+    if iterations:
+        out += ["", "## Value fits (held-out prompts)", "",
+                "Explained variance counts differences between prompts; pair accuracy is what selection needs: "
+                "how often V ranks two leaves of one prompt as the reward does (0.5 = no signal).", "",
+                "| iteration | rollout reward mean | best of leaves | held-out EV | pair accuracy | ridge penalty |",
+                "|---|---|---|---|---|---|"]
+        for it in iterations:
+            stats, rep = it["labels"]["stats"], it["value"]["report"]
+            out.append(f"| {it['iteration']} | {_num(stats.get('reward_mean'), '.4f')} "
+                       f"| {_num(stats.get('reward_best_mean'), '.4f')} "
+                       f"| {_num(rep.get('holdout_explained_variance'), '.3f')} "
+                       f"| {_num(rep.get('holdout_pair_accuracy'), '.3f')} | {_num(rep.get('ridge_penalty'), '.3g')} |")
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    if example_lines:
+        out += ["", "## Examples (where the last iteration and the best baseline differ most)", ""] + example_lines
+    if promotions:
+        out += ["", "## Value model registry", ""]
+        out += [f"- iteration {p['iteration']}: version {p['candidate_version']} "
+                f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}" for p in promotions]
+    return "\n".join(out) + "\n"
