@@ -145,14 +145,8 @@ def value_fit_task(recipe: dict, iteration: int, rollouts: str, labels: str, out
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
     log = _logger()
-    log.info(
-        "iteration %d: fitting V_%d (%s, %d epochs) -> %s",
-        iteration,
-        iteration,
-        r.value.kind,
-        r.value.epochs,
-        out.name,
-    )
+    how = "ridge, penalty cross-validated" if r.value.solver == "ridge" else f"{r.value.epochs} epochs"
+    log.info("iteration %d: fitting V_%d (%s, %s) -> %s", iteration, iteration, r.value.kind, how, out.name)
     every = max(1, r.value.epochs // 5)
 
     def progress(epoch, epochs, loss):
