@@ -1,7 +1,7 @@
 """Generation backends: what runs the search for a recipe's ``execution.backend``.
 
-``transformers`` (the default) is ``spi.search.search`` on a ``spi.models.CausalLM``; ``vllm`` is the
-seam for GPU workers (see :class:`VLLMBackend` for what exists).
+``transformers`` (the default) is ``spi.search.search`` on a ``spi.models.CausalLM``; ``vllm`` is
+``spi.vllm_search.search`` on a vLLM engine, for GPU workers (see :class:`VLLMBackend`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import importlib.util
 
 class BackendUnavailable(RuntimeError):
     """The recipe's generation backend cannot run here; the message says why and what to do."""
+
+
+_ENGINES: dict = {}  # (model, engine kwargs) -> vllm.LLM, built once per process
 
 
 class TransformersBackend:
@@ -27,32 +30,48 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """vLLM for GPU workers (prefix caching on: CBS re-submits every kept prefix at each chunk boundary,
-    so the prefill of the shared prompt and of each kept beam is served from the cache).
+    """CBS on a vLLM engine (``spi.vllm_search``), prefix caching on: every chunk re-submits each kept
+    prefix, so the shared prompt and the kept beams are prefilled from the cache.
 
-    Status: the seam and the availability check exist; chunk-level search on vLLM is not implemented
-    (it needs the guide's scores on vLLM's sampled prefixes and a token-exact sampler matching
-    ``spi.sampling`` for seeds to mean the same thing). Constructing it where vLLM or a CUDA device is
-    missing raises :class:`BackendUnavailable` with the reason.
+    ``engine``: a ready ``vllm.LLM`` (or anything with its ``generate`` contract); without one, the engine
+    is built on first use from the policy's folder or hub id, with ``engine_kwargs``. Constructing it
+    without an engine where vLLM or a CUDA device is missing raises :class:`BackendUnavailable`.
+    Guides score rows through tokens only (``Guide.score_prefixes``); a policy-head value guide reads
+    the hidden states of the transformers copy of the policy that the caller passes as ``policy``.
     """
 
     name = "vllm"
 
-    def __init__(self, require_gpu: bool = True):
-        problem = vllm_unavailable_reason(require_gpu)
-        if problem:
-            raise BackendUnavailable(
-                f"execution.backend 'vllm' cannot run here: {problem}; "
-                "use execution.backend 'transformers' or run the shards on a GPU worker "
-                "whose image has vLLM (pip install vllm)"
-            )
-        self.engine_kwargs = {"enable_prefix_caching": True}
+    def __init__(self, engine=None, require_gpu: bool = True, sampling_params=None, **engine_kwargs):
+        if engine is None:
+            problem = vllm_unavailable_reason(require_gpu)
+            if problem:
+                raise BackendUnavailable(
+                    f"execution.backend 'vllm' cannot run here: {problem}; "
+                    "use execution.backend 'transformers' or run the shards on a GPU worker "
+                    "whose image has vLLM (pip install vllm)"
+                )
+        self.engine, self.sampling_params = engine, sampling_params
+        self.engine_kwargs = {"enable_prefix_caching": True, **engine_kwargs}
+
+    def engine_for(self, policy):
+        if self.engine is None:
+            from vllm import LLM
+
+            from spi.models import resolve
+
+            model = str(resolve(policy.name))
+            key = (model, tuple(sorted(self.engine_kwargs.items())))
+            if key not in _ENGINES:  # one engine per process and model: stages call backend_for repeatedly
+                _ENGINES[key] = LLM(model=model, **self.engine_kwargs)
+            self.engine = _ENGINES[key]
+        return self.engine
 
     def search(self, policy, instructions, seeds, settings, guide=None, reward_model=None, progress=False):
-        raise NotImplementedError(
-            "chunk-level guided search on vLLM is not implemented yet; execution.backend 'transformers' "
-            "runs the same recipe"
-        )
+        from spi.vllm_search import search
+
+        return search(self.engine_for(policy), policy, instructions, seeds, settings, guide,
+                      reward_model=reward_model, progress=progress, sampling_params=self.sampling_params)
 
 
 def vllm_unavailable_reason(require_gpu: bool = True) -> str | None:
@@ -74,4 +93,6 @@ def backend_for(recipe):
     name = recipe.execution.backend
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend '{name}' (known: {', '.join(BACKENDS)})")
+    if name == "vllm":
+        return VLLMBackend(dtype=recipe.policy.dtype)
     return BACKENDS[name]()

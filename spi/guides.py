@@ -8,6 +8,10 @@ Implementations differ only in how they read a row:
 - ``ReencodeValueGuide``: the peers' method (decode to text, re-encode prompt + prefix, no cache);
 - ``ImplicitRewardGuide``: weak-to-strong search's log pi_tuned - log pi_untuned, both cached;
 - ``RewardGuide`` and ``TokenLogProbGuide``: ARGS's w * r(prefix) + log pi(token).
+
+``score_prefixes`` is the token interface of backends that keep no search state (``spi.vllm_search``):
+whole (prompt, response so far) rows scored from scratch. Guides that cannot score that way
+(``TokenLogProbGuide``: it reads log pi_0 of the sampled token) raise, naming themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from spi.compute import Compute
 from spi.incremental import IncrementalModel, rowwise
-from spi.prompts import chat_prompt_ids
+from spi.prompts import chat_prompt_ids, value_input_ids
 
 
 @dataclass
@@ -28,6 +32,21 @@ class Boundary:
     responses: list[list[int]]  # each row's response tokens so far
     policy_hidden: torch.Tensor  # [rows, H] policy hidden state at each row's last token
     last_logprob: torch.Tensor  # [rows] log pi_0 of each row's last token
+
+
+@dataclass
+class Prefixes:
+    """Rows as whole token sequences, for guides that score from scratch (no KV cache, no policy state)."""
+
+    instructions: list[str]  # one per row
+    prompt_ids: list[list[int]]  # the policy's chat prompt of each row
+    responses: list[list[int]]  # each row's response tokens so far (an ended row's EOS included)
+    compute: Compute
+    pad_id: int
+    policy_model: object | None = None  # a transformers copy of the policy, for guides reading its hidden states
+
+    def sequences(self) -> list[list[int]]:
+        return [value_input_ids(p, r) for p, r in zip(self.prompt_ids, self.responses, strict=True)]
 
 
 class Guide:
@@ -45,6 +64,23 @@ class Guide:
     def reorder(self, index: torch.Tensor) -> None:
         self.instructions = [self.instructions[i] for i in index.tolist()]
 
+    def score_prefixes(self, prefixes: Prefixes) -> torch.Tensor:
+        """One score per row of ``prefixes``, computed from scratch (the vLLM backend's interface)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot score whole prefixes through a token interface, so it cannot "
+            "steer the vLLM backend; use execution.backend 'transformers' for this system"
+        )
+
+
+def _score_sequences(value_model, prefixes: Prefixes, policy_model=None) -> torch.Tensor:
+    """A value model on prompt + response of every row, from scratch (counted as value tokens/calls)."""
+    sequences = prefixes.sequences()
+    with prefixes.compute.timed("value_forward"):
+        values = value_model.score_sequences(sequences, prefixes.pad_id, policy=policy_model)
+    prefixes.compute.value_tokens += sum(len(s) for s in sequences)
+    prefixes.compute.value_calls += len(sequences)
+    return values.float().cpu()
+
 
 class HeadValueGuide(Guide):
     needs_last_logprob = False
@@ -56,6 +92,14 @@ class HeadValueGuide(Guide):
         with self.compute.timed("value_forward"):
             self.compute.value_calls += len(boundary.responses)
             return rowwise(self.value_model.head_values, boundary.policy_hidden).float()
+
+    def score_prefixes(self, prefixes):
+        if prefixes.policy_model is None:
+            raise ValueError(
+                "HeadValueGuide reads the policy's hidden states, which vLLM does not expose: "
+                "score_prefixes needs a transformers copy of the policy (Prefixes.policy_model)"
+            )
+        return _score_sequences(self.value_model, prefixes, prefixes.policy_model)
 
 
 class CachedValueGuide(Guide):
@@ -84,6 +128,9 @@ class CachedValueGuide(Guide):
         self.model.reorder(index)
         self.last = self.last[index]
 
+    def score_prefixes(self, prefixes):
+        return _score_sequences(self.value_model, prefixes)
+
 
 class ReencodeValueGuide(Guide):
     """Decode each row to text and run the value model on prompt + prefix from scratch."""
@@ -94,18 +141,24 @@ class ReencodeValueGuide(Guide):
         self.value_model, self.policy_tokenizer = value_model, policy_tokenizer
 
     def score(self, boundary):
-        with self.compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(list(boundary.responses), skip_special_tokens=True)
+        return self._score(self.instructions, boundary.responses, self.compute)
+
+    def score_prefixes(self, prefixes):
+        return self._score(prefixes.instructions, prefixes.responses, prefixes.compute)
+
+    def _score(self, instructions, responses, compute):
+        with compute.timed("text_decode"):
+            texts = self.policy_tokenizer.batch_decode(list(responses), skip_special_tokens=True)
         tokenizer = self.value_model.tokenizer
-        with self.compute.timed("text_decode"):
+        with compute.timed("text_decode"):
             inputs = [
                 chat_prompt_ids(tokenizer, x) + tokenizer(t, add_special_tokens=False)["input_ids"]
-                for x, t in zip(self.instructions, texts, strict=True)
+                for x, t in zip(instructions, texts, strict=True)
             ]
-        with self.compute.timed("value_forward"):
+        with compute.timed("value_forward"):
             values = self.value_model.score_sequences(inputs, pad_id=tokenizer.pad_token_id)
-        self.compute.value_tokens += sum(len(i) for i in inputs)
-        self.compute.value_calls += len(inputs)
+        compute.value_tokens += sum(len(i) for i in inputs)
+        compute.value_calls += len(inputs)
         return values.float()
 
 
@@ -150,6 +203,30 @@ class ImplicitRewardGuide(Guide):
             self.next_logprobs[i] = self.next_logprobs[i][index]
         self.total = self.total[index]
 
+    def score_prefixes(self, prefixes):
+        total = torch.zeros(len(prefixes.responses))
+        for sign, model in zip((1, -1), self.models, strict=True):
+            total += sign * _response_logprob_sums(model, prefixes, self.pad_id)
+        prefixes.compute.value_calls += len(prefixes.responses)
+        return total
+
+
+def _response_logprob_sums(model, prefixes: Prefixes, pad_id: int) -> torch.Tensor:
+    """sum over each row's response tokens of log model(token | prompt, earlier tokens), from scratch."""
+    from spi.value import pad_right
+
+    sequences = prefixes.sequences()
+    ids, mask = pad_right(sequences, pad_id)
+    device = next(model.parameters()).device
+    with prefixes.compute.timed("value_forward"):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
+    token_lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    starts = torch.tensor([len(p) for p in prefixes.prompt_ids])
+    positions = torch.arange(1, ids.shape[1])[None, :]  # position of each predicted token
+    in_response = (positions >= starts[:, None]) & mask[:, 1:].bool()
+    prefixes.compute.value_tokens += int(mask.sum())
+    return (token_lp * in_response).sum(-1)
+
 
 class RewardGuide(Guide):
     """r(x, prefix) from a reward model on the decoded prefix (ARGS's per-token reward)."""
@@ -165,6 +242,14 @@ class RewardGuide(Guide):
         with self.compute.timed("reward_forward"):
             scores = self.reward_model.score(self.instructions, texts)
         self.compute.reward_calls += len(texts)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def score_prefixes(self, prefixes):
+        with prefixes.compute.timed("text_decode"):
+            texts = self.policy_tokenizer.batch_decode(list(prefixes.responses), skip_special_tokens=True)
+        with prefixes.compute.timed("reward_forward"):
+            scores = self.reward_model.score(prefixes.instructions, texts)
+        prefixes.compute.reward_calls += len(texts)
         return torch.tensor(scores, dtype=torch.float32)
 
 
@@ -195,3 +280,6 @@ class WeightedGuide(Guide):
     def reorder(self, index):
         for guide, _ in self.parts:
             guide.reorder(index)
+
+    def score_prefixes(self, prefixes):
+        return sum(weight * guide.score_prefixes(prefixes) for guide, weight in self.parts)
