@@ -76,9 +76,9 @@ class ValueModel(nn.Module):
 
     def score_sequences(self, sequences: list[list[int]], pad_id: int, policy=None) -> torch.Tensor:
         """Value at the last token of each sequence (right-padded batch, no cache)."""
-        ids, mask = pad_right(sequences, pad_id)
+        ids, mask = (t.to(self.head.weight.device) for t in pad_right(sequences, pad_id))
         hidden = self.features(ids, mask, policy)
-        last = hidden[torch.arange(len(sequences)), mask.sum(-1) - 1]
+        last = hidden[torch.arange(len(sequences), device=ids.device), mask.sum(-1) - 1]
         return self.head_values(last)
 
     def save(self, folder: str | Path) -> Path:
