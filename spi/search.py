@@ -148,6 +148,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     finished = torch.zeros(n, dtype=torch.bool)
     last_hidden, last_logprob = hidden, torch.zeros(n)
     scored_upto = 0  # response position up to which the guide has seen tokens
+    kept_scores = None  # the guide's scores of the rows kept at the last boundary
     boundaries = [0] * len(prompts)
     changes = [0] * len(prompts)
     selects = settings.successors > 1 and settings.chunk_length is not None and guide is not None
@@ -194,12 +195,18 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             for p, was_changed in enumerate(changed):
                 boundaries[p] += 1
                 changes[p] += int(was_changed)
+            kept_scores = scores[index]
             incremental.reorder(index)
             guide.reorder(index)
             tokens, lengths, finished = tokens[index], lengths[index], finished[index]
             last_hidden, last_logprob, logits = last_hidden[index], last_logprob[index], logits[index]
 
-    values = guide.score(boundary(int(lengths.max()) - 1)) if guide is not None else torch.full((n,), float("nan"))
+    if guide is None:
+        values = torch.full((n,), float("nan"))
+    elif int(lengths.max()) > scored_upto:
+        values = guide.score(boundary(int(lengths.max()) - 1))
+    else:  # every kept row ended before the last boundary: it already scored them all
+        values = kept_scores
     with compute.timed("text_decode"):
         response_ids = [_strip_eos(list(row), policy.eos_ids) for row in _row_keys(tokens, lengths)]
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)

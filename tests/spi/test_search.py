@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 
 from spi.compute import Compute
-from spi.guides import HeadValueGuide, WeightedGuide
+from spi.guides import Guide, HeadValueGuide, WeightedGuide
 from spi.incremental import IncrementalModel
 from spi.prompts import chat_prompt_ids
 from spi.sampling import row_uniforms, sample_tokens
@@ -91,6 +91,31 @@ def test_guided_search_selects_by_value(tiny, instructions):
     assert all(r.boundaries > 0 for r in result.results)
     assert sum(r.beam_changes for r in result.results) > 0
     assert result.compute.value_calls > 0 and result.compute.generated_tokens > 0
+
+
+class _EndedFirstGuide(Guide):
+    """Scores a row by whether it has ended (then shorter is better): selection keeps ended rows."""
+
+    needs_last_logprob = False
+
+    def __init__(self, eos_ids):
+        self.eos = set(eos_ids)
+
+    def score(self, boundary):
+        rows = list(boundary.responses)
+        return torch.tensor([(100.0 if r and r[-1] in self.eos else 0.0) - len(r) for r in rows])
+
+
+def test_search_ends_cleanly_when_selection_keeps_only_rows_that_ended_earlier(tiny, instructions):
+    """Rows that ended before a boundary are selected over running ones; every row has then ended
+    before the last boundary, and the final values are the scores of that boundary."""
+    half_vocab = list(range(0, tiny.model.config.vocab_size, 2))  # "EOS" half the time: rows end early
+    policy = type("HalfVocabEos", (type(tiny),), {"eos_ids": half_vocab})(tiny.name, tiny.model, tiny.tokenizer)
+    settings = replace(SETTINGS, width=1, successors=4, chunk_length=3, max_new_tokens=12, top_p=1.0)
+    result = search(policy, instructions[:1], [5], settings, guide=_EndedFirstGuide(half_vocab), progress=False)
+    (only,) = result.results
+    assert all(len(ids) <= 3 for ids in only.response_ids)  # an ended row won the first boundary
+    assert len(only.leaf_values) == 4 and all(v > 0 for v in only.leaf_values)
 
 
 def test_cache_reorder_matches_recompute(tiny, instructions):
