@@ -107,3 +107,30 @@ def test_unusable_sqlite_path_names_the_uri():
     uri = "sqlite:////proc/definitely/not/here.db"
     with pytest.raises(T.TrackingURIError, match="proc/definitely"):
         T.client_for(uri)
+
+
+def test_new_sqlite_databases_start_from_one_migrated_template(tmp_path, monkeypatch):
+    """The first new database builds the per-version template (MLflow's migrations run once); later
+    ones are copies at the same schema revision, fully usable; an existing database is never replaced."""
+    import sqlite3
+
+    import mlflow
+
+    monkeypatch.setenv("SPI_CACHE_DIR", str(tmp_path / "cache"))
+
+    def revision(path):
+        with sqlite3.connect(path) as db:
+            return db.execute("select version_num from alembic_version").fetchone()[0]
+
+    first = tmp_path / "a" / "mlflow.db"
+    T.client_for(f"sqlite:///{first}")
+    template = tmp_path / "cache" / "mlflow" / f"empty-{mlflow.__version__}.db"
+    assert template.exists() and revision(template) == revision(first)
+    second = tmp_path / "b" / "mlflow.db"
+    client = T.client_for(f"sqlite:///{second}")
+    assert revision(second) == revision(template)
+    run_id = T.start_experiment_run(f"sqlite:///{second}", "exp", {"a": 1}, "digest", "code")
+    assert client.get_run(run_id).data.params["a"] == "1"
+    before = second.read_bytes()
+    T._new_sqlite_from_template(second)
+    assert second.read_bytes() == before
