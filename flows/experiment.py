@@ -296,7 +296,7 @@ def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) ->
         system=system,
         value_dirs=value_dirs,
         eval_set=eval_set["path"],
-        out=str(ctx.dir / "eval" / f"{system}-{key}.json"),
+        out=str(ctx.dir / "eval" / f"{system.replace(':', '-')}-{key}.json"),
         key=key,
     )
 

@@ -215,7 +215,9 @@ def render(head: list[str], rows: list[dict], iterations: list[dict], paired: li
     if plots:
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     if example_lines:
-        out += ["", "## Examples (where the last iteration and the best baseline differ most)", ""] + example_lines
+        out += ["", "## Examples (where the last iteration and the best baseline differ most)", "",
+                "Preference: the judge's AlpacaEval preference against the reference (1 = reference better, "
+                "2 = this output better).", ""] + example_lines
     if promotions:
         out += ["", "## Value model registry", ""]
         out += [f"- iteration {p['iteration']}: version {p['candidate_version']} "

@@ -32,7 +32,7 @@ from spi.systems import system_plan
 from spi.value import ValueExample, fit_value, folder_digest, load_value_model, new_value_model
 
 log = logging.getLogger("spi")
-CODE_VERSION = "spi-pipeline-2"  # bump when a stage's outputs would change for the same inputs
+CODE_VERSION = "spi-pipeline-3"  # bump when a stage's outputs would change for the same inputs
 
 
 def seed_for(*parts) -> int:

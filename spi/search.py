@@ -103,12 +103,18 @@ def _batches(tokenizer, instructions: list[str], size: int) -> list[list[int]]:
     return [group[s:s + size] for group in by_width.values() for s in range(0, len(group), size)]
 
 
-def _select(scores, responses, prompts, settings, seeds, boundary_no):
-    """Row indices after selection: W kept rows per prompt, each repeated K times."""
+def _select(scores, responses, prompts, settings, seeds, boundary_no, finished=None):
+    """Row indices after selection: W kept rows per prompt, each repeated K times. A prompt whose rows
+    have all ended keeps them as they are (its ``changed`` entry is None): had it been decoded alone, its
+    search would have stopped, so selecting again would make its leaves depend on its batch."""
     rows, width, k = settings.rows, settings.width, settings.successors
     index, changed = [], []
     for p in range(prompts):
         group = list(range(p * rows, (p + 1) * rows))
+        if finished is not None and bool(finished[p * rows:(p + 1) * rows].all()):
+            index += group
+            changed.append(None)
+            continue
         group_scores = scores[p * rows:(p + 1) * rows]
         if settings.selection == "stochastic":
             generator = torch.Generator().manual_seed(seeds[p] * 1_000_003 + boundary_no)
@@ -191,10 +197,11 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             scores = guide.score(boundary(t))
             with compute.timed("selection"):
                 keys = _row_keys(tokens, lengths) if settings.selection == "diverse" else None
-                index, changed = _select(scores, keys, len(prompts), settings, seeds, t)
+                index, changed = _select(scores, keys, len(prompts), settings, seeds, t, finished)
             for p, was_changed in enumerate(changed):
-                boundaries[p] += 1
-                changes[p] += int(was_changed)
+                if was_changed is not None:
+                    boundaries[p] += 1
+                    changes[p] += int(was_changed)
             kept_scores = scores[index]
             incremental.reorder(index)
             guide.reorder(index)

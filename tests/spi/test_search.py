@@ -137,3 +137,19 @@ def test_cache_reorder_matches_recompute(tiny, instructions):
         for i in range(6):
             full = tiny.model(torch.tensor([sequences[i] + [300 + i]])).logits[0, -1].float()
             torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=1e-4)
+
+
+def test_selection_leaves_a_prompt_whose_rows_all_ended_alone():
+    """Rows of prompt 0 all ended: its rows stay as they are (decoded alone, its search would have
+    stopped); prompt 1 is still running and is selected by score (W=1: its best row, K times)."""
+    from spi.search import SearchSettings, _select
+
+    settings = SearchSettings(width=1, successors=2, chunk_length=2)
+    scores = torch.tensor([0.0, 5.0, 1.0, 3.0])
+    responses = [(1,), (2,), (3,), (4,)]
+    finished = torch.tensor([True, True, False, True])
+    index, changed = _select(scores, responses, 2, settings, [0, 1], 1, finished)
+    assert index.tolist() == [0, 1, 3, 3]
+    assert changed == [None, True]
+    index, changed = _select(scores, responses, 2, settings, [0, 1], 1)  # no finished mask: both select
+    assert index.tolist() == [1, 1, 3, 3] and changed == [True, True]
