@@ -255,6 +255,20 @@ def _merged_compute(shard_files) -> dict:
     )
 
 
+def shard_and_merge(base: str, shards, n: int, shard_prompts: int, what: str, submit, out_for, merge):
+    """Run ``submit(shard, key)`` for every shard (key: ``base`` and the shard's prompt indices), then,
+    unless already done, ``merge(shard paths, out)`` into ``out_for(key)`` (key: ``base`` and the split)
+    and mark it done. Returns (out, key, computed, {shard number: path})."""
+    paths = run_shards(lambda s: submit(s, digest_of([base, s.indices])), shards, what)
+    key = digest_of([base, n, shard_prompts])
+    out = out_for(key)
+    computed = not pipeline.is_done(out, key)
+    if computed:
+        merge([Path(paths[number]) for number in sorted(paths)], out)
+        pipeline._mark_done(out, key)
+    return out, key, computed, paths
+
+
 def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
     r, t0 = lay.recipe, time.perf_counter()
     n = r.iterations.prompts_per_iteration
@@ -272,8 +286,7 @@ def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
     )
     folder = lay.dir / f"iteration-{k}" / "shards"
 
-    def submit(s: sharding.Shard):
-        key = digest_of([base, s.indices])
+    def submit(s: sharding.Shard, key: str):
         return rollout_shard_task.submit(
             recipe=lay.data,
             iteration=k,
@@ -284,15 +297,14 @@ def sharded_rollouts(lay: Layout, k: int, value_dirs: list[str]) -> dict:
             key=key,
         )
 
-    paths = run_shards(submit, shards, f"iteration {k} rollouts")
-    key = digest_of([base, n, r.execution.shard_prompts])
-    out = lay.dir / f"iteration-{k}" / f"rollouts-sharded-{key}.jsonl"
-    computed = not pipeline.is_done(out, key)
-    if computed:
-        sharding.merge_jsonl([Path(p) for p in paths.values()], n, out, f"iteration {k} rollouts")
-        compute = _merged_compute(paths.values())
-        pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
-        pipeline._mark_done(out, key)
+    def merge(files: list[Path], out: Path):
+        sharding.merge_jsonl(files, n, out, f"iteration {k} rollouts")
+        pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(_merged_compute(files), indent=2))
+
+    out, key, computed, paths = shard_and_merge(
+        base, shards, n, r.execution.shard_prompts, f"iteration {k} rollouts", submit,
+        lambda key: lay.dir / f"iteration-{k}" / f"rollouts-sharded-{key}.jsonl", merge,
+    )
     compute = json.loads(out.with_suffix(".compute.json").read_text())
     return _stage(
         "rollouts",
@@ -394,8 +406,7 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
     )
     folder = lay.dir / "eval" / "shards"
 
-    def submit(s: sharding.Shard):
-        key = digest_of([base, s.indices])
+    def submit(s: sharding.Shard, key: str):
         return decode_shard_task.submit(
             recipe=lay.data,
             system=system,
@@ -407,16 +418,15 @@ def decode_body(lay: Layout, system: str, value_dirs: list[str], eval_set: str) 
             key=key,
         )
 
-    paths = run_shards(submit, shards, f"decode {system}")
-    key = digest_of([base, n, r.execution.shard_prompts])
-    out = lay.dir / "eval" / f"{system}-sharded-{key}.json"
-    computed = not pipeline.is_done(out, key)
-    if computed:
-        files = [Path(p) for p in paths.values()]
+    def merge(files: list[Path], out: Path):
         rows = sharding.merge_rows((pipeline.read_jsonl(p) for p in files), n, f"decode {system}")
-        compute = _merged_compute(files)
-        pipeline._write_atomic(out, json.dumps(pipeline.decode_payload(system, rows, compute), indent=2))
-        pipeline._mark_done(out, key)
+        payload = pipeline.decode_payload(system, rows, _merged_compute(files))
+        pipeline._write_atomic(out, json.dumps(payload, indent=2))
+
+    out, key, computed, _ = shard_and_merge(
+        base, shards, n, r.execution.shard_prompts, f"decode {system}", submit,
+        lambda key: lay.dir / "eval" / f"{system}-sharded-{key}.json", merge,
+    )
     data = json.loads(out.read_text())
     result = _stage(
         "decode",
@@ -471,8 +481,7 @@ def judge_body(
     )
     folder = lay.dir / "eval" / "shards"
 
-    def submit(s: sharding.Shard):
-        key = digest_of([base, s.indices])
+    def submit(s: sharding.Shard, key: str):
         return judge_shard_task.submit(
             system=system,
             judge=spec,
@@ -486,14 +495,8 @@ def judge_body(
             cache=lay.judge_cache,
         )
 
-    paths = run_shards(submit, shards, f"judge {system}")
-    key = digest_of([base, n, r.execution.shard_prompts])
-    out = lay.dir / "eval" / f"judge-{system}-sharded-{key}.json"
-    computed = not pipeline.is_done(out, key)
-    if computed:
-        rows = sharding.merge_rows(
-            (pipeline.read_jsonl(Path(p)) for p in paths.values()), n, f"judge {system}"
-        )
+    def merge(files: list[Path], out: Path):
+        rows = sharding.merge_rows((pipeline.read_jsonl(p) for p in files), n, f"judge {system}")
         identities = sorted({row["judge"] for row in rows})
         if len(identities) != 1:
             raise sharding.MergeError(f"judge {system}: shards were judged by different judges {identities}")
@@ -501,7 +504,11 @@ def judge_body(
         store_judgements(lay.judge_cache, identities[0], annotations)
         payload = judge_payload(system, identities[0], spec, reward, annotations)
         pipeline._write_atomic(out, json.dumps(payload, indent=1))
-        pipeline._mark_done(out, key)
+
+    out, key, computed, _ = shard_and_merge(
+        base, shards, n, r.execution.shard_prompts, f"judge {system}", submit,
+        lambda key: lay.dir / "eval" / f"judge-{system}-sharded-{key}.json", merge,
+    )
     data = json.loads(out.read_text())
     T.log_win_rate(system, data["metrics"])
     result = _stage(

@@ -14,6 +14,7 @@ annotations); the flow logs the markdown and the plots to MLflow and as Prefect 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -44,6 +45,7 @@ def cost_fields(row: dict, decoded: dict, iterations: list[dict], n_instructions
     }
 
 
+@functools.cache  # read once per labels file, not once per system
 def _labelled_leaves(path: str) -> int:
     return sum(len(json.loads(line)["rewards"]) for line in Path(path).read_text().splitlines() if line.strip())
 

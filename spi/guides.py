@@ -237,19 +237,17 @@ class RewardGuide(Guide):
         self.reward_model, self.policy_tokenizer = reward_model, policy_tokenizer
 
     def score(self, boundary):
-        with self.compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(list(boundary.responses), skip_special_tokens=True)
-        with self.compute.timed("reward_forward"):
-            scores = self.reward_model.score(self.instructions, texts)
-        self.compute.reward_calls += len(texts)
-        return torch.tensor(scores, dtype=torch.float32)
+        return self._score(self.instructions, boundary.responses, self.compute)
 
     def score_prefixes(self, prefixes):
-        with prefixes.compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(list(prefixes.responses), skip_special_tokens=True)
-        with prefixes.compute.timed("reward_forward"):
-            scores = self.reward_model.score(prefixes.instructions, texts)
-        prefixes.compute.reward_calls += len(texts)
+        return self._score(prefixes.instructions, prefixes.responses, prefixes.compute)
+
+    def _score(self, instructions, responses, compute):
+        with compute.timed("text_decode"):
+            texts = self.policy_tokenizer.batch_decode(list(responses), skip_special_tokens=True)
+        with compute.timed("reward_forward"):
+            scores = self.reward_model.score(instructions, texts)
+        compute.reward_calls += len(texts)
         return torch.tensor(scores, dtype=torch.float32)
 
 

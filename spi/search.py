@@ -217,11 +217,20 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     with compute.timed("text_decode"):
         response_ids = [_strip_eos(list(row), policy.eos_ids) for row in _row_keys(tokens, lengths)]
         texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return pick_answers(instructions, texts, response_ids, values, settings, guide, reward_model, compute,
+                        boundaries, changes)
+
+
+def pick_answers(instructions, texts, response_ids, values, settings, guide, reward_model, compute,
+                 boundaries, changes) -> list[SearchResult]:
+    """Each prompt's answer among its W*K leaves (flat, prompt-major lists): the highest reward when the
+    reward model picks, else the highest guide value, else the first row (ties: the first)."""
+    rows = settings.rows
     rewards = None
     if reward_model is not None and settings.final_pick == "reward" and rows > 1:
         with compute.timed("reward_forward"):
             rewards = reward_model.score([x for x in instructions for _ in range(rows)], texts)
-        compute.reward_calls += n
+        compute.reward_calls += len(texts)
     results = []
     for p, instruction in enumerate(instructions):
         group = slice(p * rows, (p + 1) * rows)

@@ -24,7 +24,7 @@ import torch
 from spi.compute import Compute
 from spi.guides import Guide, Prefixes, WeightedGuide
 from spi.prompts import chat_prompt_ids
-from spi.search import SearchOutput, SearchResult, SearchSettings, _select, _strip_eos
+from spi.search import SearchOutput, SearchSettings, _select, _strip_eos, pick_answers
 
 
 def search(engine, policy, instructions: list[str], seeds: list[int], settings: SearchSettings,
@@ -121,24 +121,7 @@ def _search_batch(engine, sampling_params, policy, instructions, seeds, settings
     else:
         values = torch.full((len(prompts) * rows,), float("nan"))
     with compute.timed("text_decode"):
-        response_ids = [[_strip_eos(ids, eos) for ids in group] for group in responses]
-        texts = [tokenizer.batch_decode(group, skip_special_tokens=True) for group in response_ids]
-    rewards = None
-    if reward_model is not None and settings.final_pick == "reward" and rows > 1:
-        with compute.timed("reward_forward"):
-            flat = reward_model.score([x for x in instructions for _ in range(rows)],
-                                      [t for group in texts for t in group])
-        compute.reward_calls += len(flat)
-        rewards = [flat[p * rows:(p + 1) * rows] for p in everyone]
-    results = []
-    for p, instruction in enumerate(instructions):
-        group_values = values[p * rows:(p + 1) * rows].tolist()
-        if rewards is not None:
-            pick = max(range(rows), key=lambda i: (rewards[p][i], -i))
-        elif guide is not None:
-            pick = max(range(rows), key=lambda i: (group_values[i], -i))
-        else:
-            pick = 0
-        results.append(SearchResult(instruction, texts[p], response_ids[p], group_values,
-                                    rewards[p] if rewards is not None else None, pick, boundaries[p], changes[p]))
-    return results
+        response_ids = [_strip_eos(ids, eos) for group in responses for ids in group]
+        texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return pick_answers(instructions, texts, response_ids, values, settings, guide, reward_model, compute,
+                        boundaries, changes)

@@ -1,18 +1,9 @@
 """Fixtures of the distributed tests: one Prefect test harness, one local Dask cluster of two workers
 (loopback only, one thread each) and the unsharded ``spi.pipeline`` outputs to compare with."""
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 TINY = str(Path(__file__).resolve().parents[1] / "flows" / "tiny.yaml")
 # one iteration of 4 prompts, 4 eval instructions, one prompt per shard; a reward batch holds one
