@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -58,6 +59,7 @@ class Context:
         workdir: str | None = None,
         source: str | None = None,
         overrides: dict | None = None,
+        orchestrated: bool = True,
     ):
         from mlflow_store.store import default_store_url
         from mlflow_store.tracking import default_tracking_uri
@@ -79,9 +81,15 @@ class Context:
         self.run_key = f"{recipe.name}:{recipe.digest}"
         self.reward_name = f"{recipe.reward.kind}:{recipe.reward.model}:{recipe.section_digest('reward')[:8]}"
         self.stages: dict[str, str] = {}
+        # False: stages are plain calls of the task functions (no Prefect engine), for run_plain
+        self.orchestrated = orchestrated
 
     def run_stage(self, label: str, task, **params) -> dict:
         """Run a stage task with results persisted in the work directory; check a cached output."""
+        if not self.orchestrated:
+            result = task.fn(**params)
+            self.stages.setdefault(label, "computed" if result["computed"] else "reused")
+            return result
         state = task.with_options(result_storage=self.results)(**params, return_state=True)
         result = state.result()
         cached = state.name == "Cached"
@@ -159,7 +167,7 @@ def spi_iteration(
 
 
 def _iteration(ctx: Context, k: int, value_dirs: list[str]) -> dict:
-    r, log = ctx.recipe, get_run_logger()
+    r, log = ctx.recipe, T.run_logger()
     if len(value_dirs) != k - 1:
         raise ValueError(
             f"iteration {k} needs the {k - 1} value models of the earlier iterations, got {len(value_dirs)}"
@@ -279,7 +287,7 @@ def _prepare_eval(ctx: Context) -> tuple[dict, dict]:
 
 def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) -> dict:
     r = ctx.recipe
-    if distributed.is_sharded(r.execution):
+    if ctx.orchestrated and distributed.is_sharded(r.execution):
         return distributed.decode_body(ctx, system, value_dirs, eval_set["path"])
     key = T.stage_key(
         "decode",
@@ -304,7 +312,7 @@ def _decode(ctx: Context, system: str, value_dirs: list[str], eval_set: dict) ->
 def _judge(ctx: Context, system: str, references: dict, decoded: dict, allow_reward_judge: bool) -> dict:
     spec = ctx.recipe.evaluation.judge
     reward = ctx.data["reward"]
-    if distributed.is_sharded(ctx.recipe.execution):
+    if ctx.orchestrated and distributed.is_sharded(ctx.recipe.execution):
         return distributed.judge_body(ctx, system, references["path"], decoded["path"], allow_reward_judge)
     key = T.stage_key(
         "judge",
@@ -473,27 +481,15 @@ def spi_experiment(
     return summary
 
 
-def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dict:
-    from mlflow_store import tracking
-
-    r, log = ctx.recipe, get_run_logger()
-    slug = _slug(r.name)
-
-    # 1. K iterations (subflows), store rows as each finishes
-    n_systems = len(r.baselines.names) + r.iterations.count
-    steps, done = r.iterations.count + n_systems + 1, 0
-    progress_id = create_progress_artifact(
-        0.0, key=f"{slug}-progress", description=f"{r.name}: iterations, then systems decoded and judged"
-    )
-
-    def advance():
-        nonlocal done
-        done += 1
-        update_progress_artifact(progress_id, 100.0 * done / steps)
-
+def run_iterations(ctx: Context, on_iteration=None) -> tuple[list[dict], list[str]]:
+    """The K iterations in order (each V_k steers the next rollouts): subflows, or stages sharded on
+    the flow's Dask runner, under the engine; plain calls otherwise. ``on_iteration(it)`` after each."""
+    r = ctx.recipe
     iterations, value_dirs = [], []
     for k in range(1, r.iterations.count + 1):
-        if distributed.is_sharded(r.execution):  # sharded by prompt on this flow's Dask runner
+        if not ctx.orchestrated:
+            it = _iteration(ctx, k, list(value_dirs))
+        elif distributed.is_sharded(r.execution):
             it = distributed.iteration_body(ctx, k, list(value_dirs))
         else:
             it = spi_iteration.with_options(flow_run_name=f"{r.name}-iter{k}")(
@@ -505,11 +501,90 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
             )
         iterations.append(it)
         ctx.stages.update(it["stages"])
-        advance()
         value_dirs.append(it["value"]["path"])
-        T.store_rollouts_task(
-            ctx.store_url, ctx.run_key, k, it["rollouts"]["path"], it["labels"]["path"], ctx.reward_name
-        )
+        if on_iteration:
+            on_iteration(it)
+    return iterations, value_dirs
+
+
+@dataclass
+class Evaluation:
+    """Every system decoded and judged: one row each, the (decode, judgement) stage results by system."""
+
+    rows: list[dict]
+    judged: dict[str, tuple[dict, dict]]
+    judge: str | None
+    references: dict
+
+
+def evaluate_systems(
+    ctx: Context, iterations: list[dict], value_dirs: list[str], allow_reward_judge: bool, on_judged=None
+) -> Evaluation:
+    """Baselines and spi-1..spi-K (then Best-of-N at their budgets) decoded on the eval set and judged
+    against the references; ``on_judged(row, decoded, judgement)`` after each system."""
+    r = ctx.recipe
+    eval_set, references = _prepare_eval(ctx)
+    systems = [(name, None, value_dirs[:1] if name == "blockwise-cd" else []) for name in r.baselines.names]
+    systems += [(f"spi-{k}", k, value_dirs[:k]) for k in range(1, r.iterations.count + 1)]
+    ev = Evaluation([], {}, None, references)
+    n_eval = len(json.loads(Path(references["path"]).read_text()))
+
+    def judge(name, k, decoded, **extra):
+        judgement = _judge(ctx, name, references, decoded, allow_reward_judge)
+        ev.judge = judgement["judge"]
+        ev.judged[name] = (decoded, judgement)
+        row = system_row(name, k, decoded, judgement)
+        row.update(report.cost_fields(row, decoded, iterations, n_eval), **extra)
+        ev.rows.append(row)
+        if on_judged:
+            on_judged(row, decoded, judgement)
+
+    for name, k, dirs in systems:
+        judge(name, k, _decode(ctx, name, dirs, eval_set))
+    if r.baselines.budget_matched_best_of_n:
+        for name, decoded, matches in _matched_best_of_n(ctx, ev.rows, eval_set, n_eval):
+            judge(name, None, decoded, matches=matches)
+    return ev
+
+
+def write_report(ctx: Context, ev: Evaluation, iterations: list[dict], run_id: str, promotions: list[dict]) -> dict:
+    """The comparison: table, plots, paired differences and the markdown report file."""
+    r = ctx.recipe
+    plot_dir = ctx.dir / f"report-{r.digest[:12]}-plots"
+    plots = report.write_plots(ev.rows, plot_dir, f"{r.name} ({ev.judge})") if ev.rows else []
+    paired = report.paired_rows(ev.rows, ev.judged)
+    markdown = report.render(
+        _report_head(ctx, ev.judge, run_id, paired), ev.rows, iterations, paired,
+        [f"{plot_dir.name}/{p.name}" for p in plots], report.examples(ev.rows, ev.judged), promotions,
+    )
+    report_file = ctx.dir / f"report-{r.digest[:12]}.md"
+    report_file.write_text(markdown)
+    return {"table": format_table(ev.rows), "markdown": markdown, "file": report_file, "plots": plots,
+            "plot_dir": plot_dir, "paired": paired}
+
+
+def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dict:
+    from mlflow_store import tracking
+
+    r, log = ctx.recipe, get_run_logger()
+    slug = _slug(r.name)
+
+    # 1. K iterations (subflows), store rows as each finishes
+    steps = 2 * r.iterations.count + len(r.baselines.names) + 1
+    progress = {"done": 0, "id": create_progress_artifact(
+        0.0, key=f"{slug}-progress", description=f"{r.name}: iterations, then systems decoded and judged"
+    )}
+
+    def advance():
+        progress["done"] += 1
+        update_progress_artifact(progress["id"], min(100.0, 100.0 * progress["done"] / steps))
+
+    def after_iteration(it):
+        advance()
+        T.store_rollouts_task(ctx.store_url, ctx.run_key, it["iteration"], it["rollouts"]["path"],
+                              it["labels"]["path"], ctx.reward_name)
+
+    iterations, value_dirs = run_iterations(ctx, after_iteration)
     if iterations:
         create_table_artifact(
             key=f"{slug}-iterations",
@@ -527,38 +602,21 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
             description=f"SPI iterations of {r.name} ({r.digest})",
         )
 
-    # 2. evaluation: references, decode every system, judge
-    eval_set, references = _prepare_eval(ctx)
-    systems = [(name, None, value_dirs[:1] if name == "blockwise-cd" else []) for name in r.baselines.names]
-    systems += [(f"spi-{k}", k, value_dirs[:k]) for k in range(1, r.iterations.count + 1)]
-    rows, judged_by = [], None
-    judged: dict[str, tuple[dict, dict]] = {}
-    n_eval = len(json.loads(Path(references["path"]).read_text()))
+    # 2. evaluation: references, decode every system, judge; store rows as each is judged
+    def after_system(row, decoded, judgement):
+        if "matches" not in row:  # the budget-matched Best-of-N reuse one decode: not a step of their own
+            advance()
+        T.store_generations_task(ctx.store_url, ctx.run_key, row["system"], row["iteration"] or 0,
+                                 decoded["path"], judgement["path"], ctx.reward_name)
 
-    def judge_and_store(name, k, decoded, **extra):
-        nonlocal judged_by
-        judgement = _judge(ctx, name, references, decoded, allow_reward_judge)
-        judged_by = judgement["judge"]
-        judged[name] = (decoded, judgement)
-        row = system_row(name, k, decoded, judgement)
-        row.update(report.cost_fields(row, decoded, iterations, n_eval), **extra)
-        rows.append(row)
-        T.store_generations_task(
-            ctx.store_url, ctx.run_key, name, k or 0, decoded["path"], judgement["path"], ctx.reward_name
-        )
-
-    for name, k, dirs in systems:
-        judge_and_store(name, k, _decode(ctx, name, dirs, eval_set))
-        advance()
-    if r.baselines.budget_matched_best_of_n:
-        for name, decoded, matches in _matched_best_of_n(ctx, rows, eval_set, n_eval):
-            judge_and_store(name, None, decoded, matches=matches)
+    ev = evaluate_systems(ctx, iterations, value_dirs, allow_reward_judge, after_system)
+    rows, judged_by, references = ev.rows, ev.judge, ev.references
 
     # 3. tracking: a child run per baseline and per iteration; register and promote value models
     promotions = []
     for row in rows:
         name, k = row["system"], row["iteration"]
-        decoded, judgement = judged[name]
+        decoded, judgement = ev.judged[name]
         metrics = {
             key: v for key, v in row.items() if key not in ("system", "iteration") and _finite(v) is not None
         }
@@ -594,20 +652,13 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
             row["registered_version"] = version
 
     # 4. comparison: table, markdown, Prefect artifacts, parent-run artifacts, summary
-    table = format_table(rows)
-    plot_dir = ctx.dir / f"report-{r.digest[:12]}-plots"
-    plots = report.write_plots(rows, plot_dir, f"{r.name} ({judged_by})") if rows else []
-    paired = report.paired_rows(rows, judged)
-    markdown = report.render(
-        _report_head(ctx, judged_by, run_id, paired), rows, iterations, paired,
-        [f"{plot_dir.name}/{p.name}" for p in plots], report.examples(rows, judged), promotions,
-    )
+    rep = write_report(ctx, ev, iterations, run_id, promotions)
     create_table_artifact(
         key=f"{slug}-comparison",
         table=[{k: _round(v) for k, v in row.items()} for row in rows],
         description=f"Systems of {r.name} judged by {judged_by}",
     )
-    create_markdown_artifact(key=f"{slug}-report", markdown=markdown, description=f"SPI experiment {r.name}")
+    create_markdown_artifact(key=f"{slug}-report", markdown=rep["markdown"], description=f"SPI experiment {r.name}")
     advance()
     summary = {
         "recipe": r.name,
@@ -622,23 +673,38 @@ def _experiment_body(ctx: Context, run_id: str, allow_reward_judge: bool) -> dic
         "reward_model": ctx.reward_name,
         "eval_set": references["path"],
         "systems": {row["system"]: {k: v for k, v in row.items() if k != "system"} for row in rows},
-        "paired": paired,
+        "paired": rep["paired"],
         "promotions": promotions,
         "stages": dict(ctx.stages),
-        "table": table,
+        "table": rep["table"],
+        "report": str(rep["file"]),
     }
-    report_file = ctx.dir / f"report-{r.digest[:12]}.md"
-    report_file.write_text(markdown)
     summary_file = ctx.dir / f"summary-{r.digest[:12]}.json"
-    summary["report"] = str(report_file)
     summary_file.write_text(json.dumps(summary, indent=1))
-    tracking.log_artifacts(ctx.tracking_uri, run_id, report_file, "report")
+    tracking.log_artifacts(ctx.tracking_uri, run_id, rep["file"], "report")
     tracking.log_artifacts(ctx.tracking_uri, run_id, summary_file, "report")
-    for plot in plots:
-        tracking.log_artifacts(ctx.tracking_uri, run_id, plot, f"report/{plot_dir.name}")
+    for plot in rep["plots"]:
+        tracking.log_artifacts(ctx.tracking_uri, run_id, plot, f"report/{rep['plot_dir'].name}")
     tracking.log_artifacts(ctx.tracking_uri, run_id, references["path"], "eval")
-    log.info("comparison (judge %s):\n%s", judged_by, table)
+    log.info("comparison (judge %s):\n%s", judged_by, rep["table"])
     return summary
+
+
+def run_plain(recipe: str, overrides: dict | None = None, workdir: str | None = None,
+              allow_reward_judge: bool = False) -> dict:
+    """The experiment's work (iterations, decoding, judging, report) as plain calls of the same stage
+    functions: no Prefect engine, no MLflow, no store. ``spi bench flow`` measures the flow against it."""
+    from flows.judging import check_independent, check_judge_available
+
+    r = _load(recipe, overrides)
+    ctx = Context(r, workdir, recipe, overrides, orchestrated=False)
+    check_judge_available(r.evaluation.judge)
+    check_independent(r.evaluation.judge, ctx.data["reward"], allow_reward_judge)
+    iterations, value_dirs = run_iterations(ctx)
+    ev = evaluate_systems(ctx, iterations, value_dirs, allow_reward_judge)
+    rep = write_report(ctx, ev, iterations, "none (plain calls)", [])
+    return {"recipe": r.name, "digest": r.digest, "systems": {row["system"]: row for row in ev.rows},
+            "stages": dict(ctx.stages), "table": rep["table"], "report": str(rep["file"])}
 
 
 def _round(v):

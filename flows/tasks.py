@@ -54,7 +54,7 @@ def digest(path: str | os.PathLike) -> str:
     return pipeline.file_digest(path)
 
 
-def _logger():
+def run_logger():
     try:
         return get_run_logger()
     except Exception:  # called outside a run (plain Python)
@@ -97,7 +97,7 @@ def rollouts_task(recipe: dict, iteration: int, value_dirs: list[str], out: str,
     """Iteration k's rollouts: pi_0 samples (k = 1) or CBS guided by V_1..V_{k-1}."""
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
-    _logger().info(
+    run_logger().info(
         "iteration %d: rollouts (%d prompts, %d leaves each) -> %s",
         iteration,
         r.iterations.prompts_per_iteration,
@@ -117,7 +117,7 @@ def labels_task(recipe: dict, iteration: int, rollouts: str, out: str, key: str)
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
     _check_jsonl(Path(rollouts), "rollouts")
-    _logger().info(
+    run_logger().info(
         "iteration %d: labelling with %s:%s -> %s", iteration, r.reward.kind, r.reward.model, out.name
     )
     pipeline.label_rollouts(r, Path(rollouts), out)
@@ -144,7 +144,7 @@ def value_fit_task(recipe: dict, iteration: int, rollouts: str, labels: str, out
     """Fit V_k afresh on the labelled rollouts; its fit report (loss, held-out explained variance)."""
     r, out, t0 = _recipe(recipe), Path(out), time.perf_counter()
     computed = not out.exists()
-    log = _logger()
+    log = run_logger()
     how = "ridge, penalty cross-validated" if r.value.solver == "ridge" else f"{r.value.epochs} epochs"
     log.info("iteration %d: fitting V_%d (%s, %s) -> %s", iteration, iteration, r.value.kind, how, out.name)
     every = max(1, r.value.epochs // 5)
@@ -168,7 +168,7 @@ def eval_set_task(recipe: dict, out: str, key: str) -> dict:
     ev = r.evaluation
     rows = load_eval_set(ev.eval_set, require_references=False)
     rows = subset(rows, ev.n_instructions, stratify=ev.subset == "stratified", seed=r.seed)
-    _logger().info("evaluation set: %d instructions from %s", len(rows), ev.eval_set)
+    run_logger().info("evaluation set: %d instructions from %s", len(rows), ev.eval_set)
     _write_json(out, rows)
     return _stage_result(
         "eval-set",
@@ -197,7 +197,7 @@ def decode_task(recipe: dict, system: str, value_dirs: list[str], eval_set: str,
                 "weak-to-strong needs baselines.weak_to_strong_tuned and baselines.weak_to_strong_untuned"
             )
         w2s = (CausalLM.load(b.weak_to_strong_tuned), CausalLM.load(b.weak_to_strong_untuned))
-    _logger().info("decoding %d instructions with %s -> %s", len(rows), system, out.name)
+    run_logger().info("decoding %d instructions with %s -> %s", len(rows), system, out.name)
     pipeline.decode_system(
         r,
         system,
@@ -209,7 +209,7 @@ def decode_task(recipe: dict, system: str, value_dirs: list[str], eval_set: str,
         progress=False,
     )
     data = json.loads(out.read_text())
-    _logger().info(
+    run_logger().info(
         "%s: mean reward %.4f, %d policy tokens",
         system,
         data["mean_reward"],
@@ -275,7 +275,7 @@ def judge_task(
     rows = json.loads(Path(eval_set).read_text())
     answers = json.loads(Path(outputs).read_text())["outputs"]
     judge_model = resolve_judge(judge, reward)
-    _logger().info("judging %s (%d outputs) with %s", system, len(answers), judge_model.identity)
+    run_logger().info("judging %s (%d outputs) with %s", system, len(answers), judge_model.identity)
     annotations = judge_rows(judge_model, rows, answers, JudgementCache(cache) if cache else None)
     payload = judge_payload(system, judge_model.identity, judge, reward, annotations)
     log_win_rate(system, payload["metrics"])
@@ -287,7 +287,7 @@ def judge_task(
 
 def log_win_rate(system: str, m: dict) -> None:
     lc = m["length_controlled_winrate"]
-    _logger().info(
+    run_logger().info(
         "%s: win rate %.2f [%.2f, %.2f], LC %s",
         system,
         m["win_rate"],
@@ -352,7 +352,7 @@ def store_rollouts_task(
         n += store.add_value_datasets([dataset])
     finally:
         store.close()
-    _logger().info("store: iteration %d, %d rollout leaves (%d new rows)", iteration, len(leaves), n)
+    run_logger().info("store: iteration %d, %d rollout leaves (%d new rows)", iteration, len(leaves), n)
     return n
 
 
@@ -446,7 +446,7 @@ def register_task(tracking_uri: str, name: str, run_id: str, folder: str, metric
 
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
     version = register_value_model(tracking_uri, name, run_id, folder, numeric)
-    _logger().info("registered %s version %s (alias candidate)", name, version)
+    run_logger().info("registered %s version %s (alias candidate)", name, version)
     return version
 
 
@@ -460,5 +460,5 @@ def promote_task(
     from mlflow_store.registry import promote
 
     decision = promote(tracking_uri, name, margin, metric=metric, use_stages=use_stages)
-    _logger().info("promotion of %s: %s", name, decision.reason)
+    run_logger().info("promotion of %s: %s", name, decision.reason)
     return asdict(decision)

@@ -95,7 +95,8 @@ def register_value_model(
     if existing:
         version = str(existing[0].version)
         for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
+            if existing[0].tags.get(key) != value:
+                client.set_model_version_tag(name, version, key, value)
     else:
         source = log_artifacts(tracking_uri, run_id, folder, artifact_path)
         mv = client.create_model_version(

@@ -46,8 +46,9 @@ _CONNECT_TIMEOUT_S = 3.0
 _PARAM_MAX_LEN = 6000  # MLflow 3's limit on a param value
 _PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
-_verified: set[str] = set()
+_verified: dict[str, MlflowClient] = {}  # checked URIs and their client (its artifact-repo cache kept)
 _verified_lock = threading.Lock()
+_artifact_roots: dict[tuple[str, str], str] = {}  # (tracking URI, run id) -> the run's artifact URI
 _child_lock = threading.Lock()  # find-or-create must not race between threads of one process
 
 
@@ -118,18 +119,18 @@ def client_for(tracking_uri: str) -> MlflowClient:
     """
     _check_uri_syntax(tracking_uri)
     with _verified_lock:
-        known = tracking_uri in _verified
-    if not known and tracking_uri.startswith("sqlite:///"):
+        client = _verified.get(tracking_uri)
+    if client is not None:
+        return client
+    if tracking_uri.startswith("sqlite:///"):
         _new_sqlite_from_template(Path(tracking_uri[len("sqlite:///") :]))
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if not known:
-        try:
-            client.search_experiments(max_results=1)
-        except Exception as exc:  # MlflowException, SQLAlchemy errors, requests errors
-            raise TrackingURIError(f"cannot use MLflow tracking URI {tracking_uri!r}: {exc}") from exc
-        with _verified_lock:
-            _verified.add(tracking_uri)
-    return client
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, SQLAlchemy errors, requests errors
+        raise TrackingURIError(f"cannot use MLflow tracking URI {tracking_uri!r}: {exc}") from exc
+    with _verified_lock:
+        return _verified.setdefault(tracking_uri, client)
 
 
 def _new_sqlite_from_template(path: Path) -> None:
@@ -367,7 +368,10 @@ def log_artifacts(
 
 def artifact_uri(tracking_uri: str, run_id: str, artifact_path: str = "") -> str:
     """The underlying URI (e.g. file:///.../mlartifacts/<run>/artifacts/x) of a run's artifact."""
-    base = client_for(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
+    base = _artifact_roots.get((tracking_uri, run_id))
+    if base is None:  # a run's artifact location never changes
+        base = client_for(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
+        _artifact_roots[(tracking_uri, run_id)] = base
     return f"{base}/{artifact_path.strip('/')}" if artifact_path else base
 
 
