@@ -180,25 +180,34 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _ready(model, device: str):
+    """On ``device``, in eval mode, bfloat16 products fast on CPUs without bfloat16 instructions."""
+    from spi import bf16_cpu
+
+    model = model.to(device).eval()
+    bf16_cpu.adapt(model)
+    return model
+
+
 def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype(dtype))
-    return model.to(device).eval()
+    return _ready(model, device)
 
 
 def load_sequence_classifier(name: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification
 
     model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, dtype=torch_dtype(dtype))
-    return model.to(device).eval()
+    return _ready(model, device)
 
 
 def load_encoder(name: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModel
 
     model = _from_pretrained(AutoModel.from_pretrained, name, dtype=torch_dtype(dtype))
-    return model.to(device).eval()
+    return _ready(model, device)
 
 
 @dataclass
