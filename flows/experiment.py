@@ -8,6 +8,9 @@
     fit_local_judge       train the local Bradley-Terry judge (evaluation.trained_judge)
     promote_value_model   move ``champion`` to ``candidate`` when it wins by the margin
 
+``run_plain`` runs the experiment's stages as plain calls (no engine, no MLflow, no store): the
+baseline ``spi bench flow`` measures the orchestration overhead against.
+
 Every flow takes the recipe (built-in name or YAML path) and an ``overrides`` dict
 (``{"search": {"width": 2}}``), so a run can be started from the Prefect UI form with overrides.
 
