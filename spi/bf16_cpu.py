@@ -33,13 +33,6 @@ def cpu_has_bf16_instructions() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def mode() -> str:
-    value = os.environ.get("SPI_BF16_MATMUL", "auto")
-    if value not in MODES:
-        raise ValueError(f"SPI_BF16_MATMUL must be one of {', '.join(MODES)}, not {value!r}")
-    return value
-
-
 class Float32GemmLinear(nn.Linear):
     """An ``nn.Linear`` holding bfloat16 weights whose product runs as a float32 GEMM."""
 
@@ -51,9 +44,10 @@ class Float32GemmLinear(nn.Linear):
 def adapt(model: nn.Module, chosen: str | None = None) -> int:
     """Route the bfloat16 ``nn.Linear`` layers of a CPU model through float32 GEMMs, or back to PyTorch's
     kernel, as ``chosen`` (default: ``SPI_BF16_MATMUL``) asks; returns how many layers are routed."""
-    chosen = chosen or mode()
+    chosen = chosen or os.environ.get("SPI_BF16_MATMUL", "auto")
     if chosen not in MODES:
-        raise ValueError(f"bfloat16 matmul mode must be one of {', '.join(MODES)}, not {chosen!r}")
+        raise ValueError(f"SPI_BF16_MATMUL (the bfloat16 matmul mode) must be one of {', '.join(MODES)}, "
+                         f"not {chosen!r}")
     use_float32 = chosen == "float32" or (chosen == "auto" and not cpu_has_bf16_instructions())
     routed = 0
     for module in model.modules():

@@ -132,13 +132,14 @@ class CachedValueGuide(Guide):
         return _score_sequences(self.value_model, prefixes)
 
 
-class ReencodeValueGuide(Guide):
-    """Decode each row to text and run the value model on prompt + prefix from scratch."""
+class DecodedTextGuide(Guide):
+    """A guide that scores the rows' text: each row is decoded with the policy's tokenizer, then
+    ``score_texts(instructions, texts, compute)`` scores it."""
 
     needs_last_logprob = False
 
-    def __init__(self, value_model, policy_tokenizer):
-        self.value_model, self.policy_tokenizer = value_model, policy_tokenizer
+    def __init__(self, policy_tokenizer):
+        self.policy_tokenizer = policy_tokenizer
 
     def score(self, boundary):
         return self._score(self.instructions, boundary.responses, self.compute)
@@ -149,6 +150,20 @@ class ReencodeValueGuide(Guide):
     def _score(self, instructions, responses, compute):
         with compute.timed("text_decode"):
             texts = self.policy_tokenizer.batch_decode(list(responses), skip_special_tokens=True)
+        return self.score_texts(instructions, texts, compute)
+
+    def score_texts(self, instructions, texts, compute):
+        raise NotImplementedError
+
+
+class ReencodeValueGuide(DecodedTextGuide):
+    """Decode each row to text and run the value model on prompt + prefix from scratch."""
+
+    def __init__(self, value_model, policy_tokenizer):
+        super().__init__(policy_tokenizer)
+        self.value_model = value_model
+
+    def score_texts(self, instructions, texts, compute):
         tokenizer = self.value_model.tokenizer
         with compute.timed("text_decode"):
             inputs = [
@@ -228,23 +243,14 @@ def _response_logprob_sums(model, prefixes: Prefixes, pad_id: int) -> torch.Tens
     return (token_lp * in_response).sum(-1)
 
 
-class RewardGuide(Guide):
+class RewardGuide(DecodedTextGuide):
     """r(x, prefix) from a reward model on the decoded prefix (ARGS's per-token reward)."""
 
-    needs_last_logprob = False
-
     def __init__(self, reward_model, policy_tokenizer):
-        self.reward_model, self.policy_tokenizer = reward_model, policy_tokenizer
+        super().__init__(policy_tokenizer)
+        self.reward_model = reward_model
 
-    def score(self, boundary):
-        return self._score(self.instructions, boundary.responses, self.compute)
-
-    def score_prefixes(self, prefixes):
-        return self._score(prefixes.instructions, prefixes.responses, prefixes.compute)
-
-    def _score(self, instructions, responses, compute):
-        with compute.timed("text_decode"):
-            texts = self.policy_tokenizer.batch_decode(list(responses), skip_special_tokens=True)
+    def score_texts(self, instructions, texts, compute):
         with compute.timed("reward_forward"):
             scores = self.reward_model.score(instructions, texts)
         compute.reward_calls += len(texts)
