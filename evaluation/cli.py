@@ -4,6 +4,7 @@
     spi eval train-judge --eval-set FILE --outputs DIR --preferences DIR --out DIR [--backbone minilm-l6]
     spi eval judge-agreement --eval-set FILE --outputs DIR --preferences DIR [--backbone minilm-l6]
     spi eval judge --eval-set FILE --outputs FILE --judge NAME [--judge-arg k=v] --out FILE.json
+    spi eval ifeval --prompts FILE --responses FILE --out FILE.json
 
 Standalone: ``python -m evaluation.cli leaderboard ...``.
 """
@@ -58,6 +59,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     _subset_args(p)
     p.set_defaults(func=cmd_judge_agreement)
+
+    add_ifeval_command(subparsers)
 
     p = subparsers.add_parser("judge", help="judge one model's AlpacaEval-format outputs against the references")
     p.add_argument("--eval-set", required=True)
@@ -164,6 +167,30 @@ def cmd_judge(args) -> int:
         Path(args.out).write_text("".join(json.dumps({"index": e["index"], "preference": p}) + "\n" for e, p in zip(rows, prefs, strict=False)))
     m = win_rate_metrics(prefs)
     print(f"judge {judge.identity}: win rate {m['win_rate']:.2f} +- {m['standard_error']:.2f} over {m['n_total']} instructions")
+    return 0
+
+
+def add_ifeval_command(subparsers) -> None:
+    p = subparsers.add_parser("ifeval", help="IFEval's strict/loose accuracies of {prompt, response} lines")
+    p.add_argument("--prompts", required=True, help="JSONL in IFEval's schema: key, prompt, instruction_id_list, kwargs")
+    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} lines")
+    p.add_argument("--out", required=True, help="JSON file: the four accuracies (percent), intervals, per-kind figures")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ifeval)
+
+
+def cmd_ifeval(args) -> int:
+    from spi.verifiers import ConstraintError
+
+    from .ifeval import METRICS, score_files
+
+    try:
+        result = score_files(args.prompts, args.responses, n_boot=args.n_boot, seed=args.seed)
+    except (ConstraintError, FileNotFoundError) as error:
+        raise SystemExit(f"spi eval ifeval: {error}") from None
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(", ".join(f"{m} {result[m]:.2f}" for m in METRICS) + f" over {result['n_prompts']} prompts")
     return 0
 
 
