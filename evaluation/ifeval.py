@@ -95,9 +95,9 @@ def paired_differences(a: str, results_a: Sequence[PromptResult], b: str, result
     """{a, b, metric, diff, ci_low, ci_high} per metric: a - b on the same prompts, bootstrap over prompts."""
     keys_a, keys_b = [r.key for r in results_a], [r.key for r in results_b]
     if keys_a != keys_b:
+        same = [x == y for x, y in zip(keys_a, keys_b, strict=False)] + [False]
         raise ValueError(f"paired differences need the same prompts in the same order: {a} has {len(keys_a)}, "
-                         f"{b} has {len(keys_b)}, first mismatch at "
-                         f"{next((i for i, (x, y) in enumerate(zip(keys_a, keys_b)) if x != y), min(len(keys_a), len(keys_b)))}")
+                         f"{b} has {len(keys_b)}, first mismatch at position {same.index(False)}")
     table_a, table_b = _table(results_a), _table(results_b)
     index = _resamples(len(table_a), n_boot, seed)
     diffs = _metrics(table_a[index]) - _metrics(table_b[index])

@@ -40,10 +40,14 @@ class PolicyConfig(Section):
 
 
 class RewardConfig(Section):
-    kind: Literal["llm-judge", "hf-classifier", "preference-head"] = "llm-judge"
+    kind: Literal["llm-judge", "hf-classifier", "preference-head", "verifier"] = "llm-judge"
     model: str = "smollm2-135m-instruct"
     head: str | None = Field(None, description="preference-head: folder of a trained head")
     batch_size: int = Field(8, ge=1)
+    variant: Literal["strict", "loose"] = Field("strict", description="verifier: IFEval's strict or loose verdicts")
+    constraints: tuple[str, ...] = Field(
+        (), description="verifier: JSONL files in IFEval's schema whose prompts' constraints are checked "
+                        "(prompt records can also be registered in code)")
 
 
 class ValueConfig(Section):

@@ -5,7 +5,9 @@ Backends:
   next token (the offline default, with SmolLM2-135M-Instruct);
 - ``hf-classifier``: any Hugging Face sequence-classification reward model (logit 0);
 - ``preference-head``: a Bradley-Terry linear head on mean-pooled embeddings of a small encoder,
-  trained on preference pairs by ``train_preference_head``.
+  trained on preference pairs by ``train_preference_head``;
+- ``verifier``: the fraction of a prompt's verifiable constraints (IFEval/IFBench kinds, ``spi.verifiers``)
+  that the response follows, strict or loose; the constraints are looked up by prompt text.
 Each has an ``identity``: a digest of everything that changes its scores, for cache keys.
 """
 
@@ -123,6 +125,52 @@ class PreferenceHeadReward(RewardModel):
         return (features @ self.weight + self.bias).tolist()
 
 
+class VerifierReward(RewardModel):
+    """Fraction of the prompt's constraints followed, by IFEval's strict (default) or loose verdicts.
+
+    ``score`` receives prompt texts, so the constraints travel beside them: prompt records in IFEval's
+    schema (key, prompt, instruction_id_list, kwargs) are registered, at construction or later with
+    ``register``, and looked up by their prompt text. The identity covers the variant, the checkers'
+    versions and every registered constraint: register the prompt set before reading it.
+    """
+
+    def __init__(self, records=(), variant: str = "strict"):
+        if variant not in ("strict", "loose"):
+            raise ValueError(f"reward.variant '{variant}' is not one of strict, loose")
+        self.variant, self.name = variant, f"verifier:{variant}"
+        self.constraints: dict[str, tuple[list[str], list[dict]]] = {}
+        self.register(records)
+
+    def register(self, records) -> VerifierReward:
+        from spi.verifiers import checker_version, validate_record
+
+        for record in records:
+            where = f"prompt record {record.get('key')!r}" if isinstance(record, dict) else "prompt record"
+            record = validate_record(record, where)
+            entry = (list(record["instruction_id_list"]), [dict(k) for k in record["kwargs"]])
+            known = self.constraints.setdefault(record["prompt"], entry)
+            if known != entry:
+                raise ValueError(f"prompt record {record['key']!r}: its prompt text is registered already with "
+                                 f"other constraints ({known[0]} vs {entry[0]})")
+        self.identity = _identity("verifier", self.variant, checker_version(),
+                                  sorted((p, ids, kw) for p, (ids, kw) in self.constraints.items()))
+        return self
+
+    def score(self, instructions, responses):
+        from spi.verifiers import check
+
+        scores = []
+        for instruction, response in zip(instructions, responses, strict=True):
+            if instruction not in self.constraints:
+                raise KeyError(f"verifier reward: no constraints registered for prompt {instruction[:80]!r} "
+                               f"({len(self.constraints)} prompts registered)")
+            ids, kwargs = self.constraints[instruction]
+            verdicts = check(response, ids, kwargs, instruction)
+            followed = [v.strict if self.variant == "strict" else v.loose for v in verdicts]
+            scores.append(sum(followed) / len(followed) if followed else 1.0)
+        return scores
+
+
 @torch.inference_mode()
 def embed_pairs(encoder, tokenizer, instructions, responses, batch_size=16, max_length=256) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings of 'instruction [SEP] response'."""
@@ -160,8 +208,13 @@ def train_preference_head(instructions, chosen, rejected, backbone: str, out_dir
     return out
 
 
-def load_reward(config) -> RewardModel:
-    """Build the reward model a ``spi.config.RewardConfig`` names."""
+def load_reward(config, records=()) -> RewardModel:
+    """Build the reward model a ``spi.config.RewardConfig`` names (``records``: verifier prompt records)."""
+    if config.kind == "verifier":
+        from spi.verifiers import read_prompt_records
+
+        files = [r for path in config.constraints for r in read_prompt_records(path)]
+        return VerifierReward([*files, *records], variant=config.variant)
     if config.kind == "llm-judge":
         return LLMJudgeReward(config.model, batch_size=config.batch_size)
     if config.kind == "hf-classifier":
@@ -170,4 +223,4 @@ def load_reward(config) -> RewardModel:
         if not config.head:
             raise ValueError("reward.head must name a trained head folder when reward.kind is 'preference-head'")
         return PreferenceHeadReward(config.head, batch_size=config.batch_size)
-    raise ValueError(f"reward.kind '{config.kind}' is not one of llm-judge, hf-classifier, preference-head")
+    raise ValueError(f"reward.kind '{config.kind}' is not one of llm-judge, hf-classifier, preference-head, verifier")
