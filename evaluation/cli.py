@@ -177,6 +177,8 @@ def add_ifeval_command(subparsers) -> None:
     p.add_argument("--out", required=True, help="JSON file: the four accuracies (percent), intervals, per-kind figures")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offline-only", action="store_true",
+                   help="skip prompts with a constraint kind that cannot be checked offline (else: an error)")
     p.set_defaults(func=cmd_ifeval)
 
 
@@ -186,7 +188,8 @@ def cmd_ifeval(args) -> int:
     from .ifeval import METRICS, score_files
 
     try:
-        result = score_files(args.prompts, args.responses, n_boot=args.n_boot, seed=args.seed)
+        result = score_files(args.prompts, args.responses, n_boot=args.n_boot, seed=args.seed,
+                             offline_only=args.offline_only)
     except (ConstraintError, FileNotFoundError) as error:
         raise SystemExit(f"spi eval ifeval: {error}") from None
     Path(args.out).write_text(json.dumps(result, indent=2))

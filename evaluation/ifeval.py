@@ -133,9 +133,11 @@ def read_responses(path: str | Path) -> dict[str, str]:
     return responses
 
 
-def score_files(prompts: str | Path, responses: str | Path, *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """``report`` for a responses file scored against a prompts file in IFEval's schema."""
-    records = read_prompt_records(prompts)
+def score_files(prompts: str | Path, responses: str | Path, *, n_boot: int = 2000, seed: int = 0,
+                offline_only: bool = False) -> dict:
+    """``report`` for a responses file scored against a prompts file in IFEval's schema
+    (``offline_only``: skip the prompts with a kind that cannot be checked offline)."""
+    records = read_prompt_records(prompts, offline_only=offline_only)
     answers = read_responses(responses)
     missing = [r for r in records if r["prompt"] not in answers]
     if missing:

@@ -209,8 +209,15 @@ def validate_record(record, where: str) -> dict:
     return dict(record)
 
 
-def read_prompt_records(path: str | Path) -> list[dict]:
-    """A JSONL file of prompt records in IFEval's schema, each validated (errors name file:line)."""
+def needs_download(record: Mapping) -> bool:
+    """Whether a prompt record has a constraint of a kind in ``NEEDS_DOWNLOAD``."""
+    return bool(set(record.get("instruction_id_list") or ()) & NEEDS_DOWNLOAD.keys())
+
+
+def read_prompt_records(path: str | Path, *, offline_only: bool = False) -> list[dict]:
+    """A JSONL file of prompt records in IFEval's schema, each validated (errors name file:line).
+
+    ``offline_only`` drops the records with a kind in ``NEEDS_DOWNLOAD`` instead of failing on them."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -220,5 +227,7 @@ def read_prompt_records(path: str | Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ConstraintError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if offline_only and isinstance(record, Mapping) and needs_download(record):
+                continue
             records.append(validate_record(record, f"{path}:{number}"))
     return records

@@ -68,7 +68,9 @@ def test_reference_numbers_reproduced_exactly(reference, offline_prompts):
                       ("loose", reference.test_instruction_following_loose)):
         outputs = [run(i, prompt_to_response) for i in inputs]
         expected[mode] = reference.generate_report(outputs, mode)
-    ours = score_files(offline_prompts, IFBENCH_DATA / "sample_output.jsonl", n_boot=200)
+    ours = score_files(IFBENCH_DATA / "IFBench_test.jsonl", IFBENCH_DATA / "sample_output.jsonl", n_boot=200,
+                       offline_only=True)
+    assert ours["n_prompts"] == len(inputs)
     for mode in ("strict", "loose"):
         assert ours[f"prompt_level_{mode}_acc"] == 100 * expected[mode][f"{mode}:prompt-level"]
         assert ours[f"inst_level_{mode}_acc"] == 100 * expected[mode][f"{mode}:instruction-level"]
