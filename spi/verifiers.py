@@ -156,6 +156,19 @@ def require_checkable(instruction_ids: Iterable[str]) -> None:
         _checker(instruction_id)
 
 
+def _built(instruction_id: str, arguments: Mapping | None, prompt: str):
+    """The checker with its arguments (None values dropped, as the reference does) and the prompt."""
+    checker = _checker(instruction_id)
+    given = {k: v for k, v in (arguments or {}).items() if v is not None}
+    try:
+        checker.build_description(**given)
+        if "prompt" in (checker.get_instruction_args() or {}):
+            checker.build_description(prompt=prompt)
+    except (TypeError, ValueError) as error:
+        raise ConstraintError(f"constraint '{instruction_id}': arguments {given} rejected ({error})") from None
+    return checker
+
+
 def loose_variants(response: str) -> list[str]:
     """IFEval's eight loose variants, in the reference's order."""
     lines = response.split("\n")
@@ -173,10 +186,7 @@ def check(response: str, instruction_ids: list[str], kwargs: list[Mapping], prom
     variants = loose_variants(response)
     verdicts = []
     for instruction_id, arguments in zip(instruction_ids, kwargs, strict=True):
-        checker = _checker(instruction_id)
-        checker.build_description(**{k: v for k, v in (arguments or {}).items() if v is not None})
-        if "prompt" in (checker.get_instruction_args() or {}):
-            checker.build_description(prompt=prompt)
+        checker = _built(instruction_id, arguments, prompt)
         strict = bool(response.strip() and checker.check_following(response))
         loose = strict or any(v.strip() and checker.check_following(v) for v in variants[1:])
         verdicts.append(Verdict(instruction_id, strict, bool(loose)))
@@ -203,7 +213,8 @@ def validate_record(record, where: str) -> dict:
     if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, Mapping) for k in kwargs):
         raise ConstraintError(f"{where}: field kwargs must be a list of {len(ids)} objects, one per instruction id")
     try:
-        require_checkable(ids)
+        for instruction_id, arguments in zip(ids, kwargs, strict=True):
+            _built(instruction_id, arguments, record["prompt"])
     except ConstraintError as error:
         raise ConstraintError(f"{where}: {error}") from None
     return dict(record)

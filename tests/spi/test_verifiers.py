@@ -110,6 +110,11 @@ def test_check_arguments_validated():
     record = {"key": 3, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": {}}
     with pytest.raises(verifiers.ConstraintError, match="here: field kwargs must be a list of 1 objects"):
         verifiers.validate_record(record, "here")
+    record = {**record, "kwargs": [{"end_phrase": "x"}]}
+    with pytest.raises(verifiers.ConstraintError, match="here: constraint 'punctuation:no_comma': arguments"):
+        verifiers.validate_record(record, "here")
+    with pytest.raises(verifiers.ConstraintError, match="constraint 'length_constraints:number_words': arguments"):
+        verifiers.check("x", ["length_constraints:number_words"], [{"num_words": 5, "relation": "about"}], "p")
 
 
 RECORDS = [
@@ -137,7 +142,7 @@ def test_verifier_reward_identity_tracks_variant_and_constraints():
     base = VerifierReward(RECORDS)
     assert base.identity == VerifierReward(list(reversed(RECORDS))).identity
     assert base.identity != VerifierReward(RECORDS, variant="loose").identity
-    changed = [RECORDS[0], {**RECORDS[1], "kwargs": [{"unused": 1}]}]
+    changed = [{**RECORDS[0], "kwargs": [{}, {"end_phrase": "Finished."}]}, RECORDS[1]]
     assert base.identity != VerifierReward(changed).identity
     grown = VerifierReward(RECORDS[:1])
     before = grown.identity
