@@ -187,8 +187,12 @@ def check(response: str, instruction_ids: list[str], kwargs: list[Mapping], prom
     verdicts = []
     for instruction_id, arguments in zip(instruction_ids, kwargs, strict=True):
         checker = _built(instruction_id, arguments, prompt)
-        strict = bool(response.strip() and checker.check_following(response))
-        loose = strict or any(v.strip() and checker.check_following(v) for v in variants[1:])
+        try:
+            strict = bool(response.strip() and checker.check_following(response))
+            loose = strict or any(v.strip() and checker.check_following(v) for v in variants[1:])
+        except LookupError as error:  # NLTK data that no installed package ships
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip(" *")), "NLTK data")
+            raise ConstraintError(f"constraint '{instruction_id}' cannot be checked offline: {reason}") from None
         verdicts.append(Verdict(instruction_id, strict, bool(loose)))
     return verdicts
 
