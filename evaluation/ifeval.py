@@ -92,13 +92,17 @@ def per_kind(results: Sequence[PromptResult]) -> dict[str, dict[str, float]]:
 
 def paired_differences(a: str, results_a: Sequence[PromptResult], b: str, results_b: Sequence[PromptResult],
                        *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[dict]:
-    """{a, b, metric, diff, ci_low, ci_high} per metric: a - b on the same prompts, bootstrap over prompts."""
-    keys_a, keys_b = [r.key for r in results_a], [r.key for r in results_b]
-    if keys_a != keys_b:
-        same = [x == y for x, y in zip(keys_a, keys_b, strict=False)] + [False]
-        raise ValueError(f"paired differences need the same prompts in the same order: {a} has {len(keys_a)}, "
-                         f"{b} has {len(keys_b)}, first mismatch at position {same.index(False)}")
-    table_a, table_b = _table(results_a), _table(results_b)
+    """{a, b, metric, diff, ci_low, ci_high} per metric: a - b on the same prompts (matched by key),
+    bootstrap over prompts with one resample shared by both systems."""
+    by_key = {r.key: r for r in results_b}
+    if len(by_key) != len(results_b) or len({r.key for r in results_a}) != len(results_a):
+        raise ValueError(f"paired differences need unique prompt keys in {a} and {b}")
+    if by_key.keys() != {r.key for r in results_a}:
+        only_a = sorted({r.key for r in results_a} - by_key.keys())
+        only_b = sorted(by_key.keys() - {r.key for r in results_a})
+        raise ValueError(f"paired differences need the same prompts: only in {a}: {only_a[:5]}, "
+                         f"only in {b}: {only_b[:5]}")
+    table_a, table_b = _table(results_a), _table([by_key[r.key] for r in results_a])
     index = _resamples(len(table_a), n_boot, seed)
     diffs = _metrics(table_a[index]) - _metrics(table_b[index])
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2], axis=0)

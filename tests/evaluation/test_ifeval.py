@@ -118,8 +118,13 @@ def test_paired_difference_sign_and_interval():
     assert 0 < strict["ci_low"] < 50 < strict["ci_high"]
     same = paired_differences("x", worse, "y", worse, n_boot=100)
     assert all(row["diff"] == row["ci_low"] == row["ci_high"] == 0 for row in same)
-    with pytest.raises(ValueError, match="same prompts"):
+    shuffled = paired_differences("spi-1", better, "best-of-n", worse[::-1], n_boot=500)
+    assert [row["diff"] for row in shuffled] == [rows[m]["diff"] for m in METRICS]  # matched by key
+    assert [row["ci_low"] for row in shuffled] == [rows[m]["ci_low"] for m in METRICS]
+    with pytest.raises(ValueError, match=r"same prompts: only in x: \['0'\], only in y: \['10'\]"):
         paired_differences("x", better[:10], "y", better[1:11])
+    with pytest.raises(ValueError, match="unique prompt keys"):
+        paired_differences("x", better[:2] + better[:1], "y", better[:3])
 
 
 def test_score_records_needs_every_prompt():
