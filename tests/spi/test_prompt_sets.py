@@ -134,3 +134,16 @@ def test_uncached_hub_id_fails_at_once_when_offline(monkeypatch):
     with pytest.raises(PromptSetError, match=r"hub:spi-tests/never-published.*HF_HUB_OFFLINE=1"):
         load_prompt_set("spi-tests/never-published")
     assert time.monotonic() - start < 10
+
+
+def test_load_instructions_slices_any_source(tmp_path):
+    from spi.prompts import load_instructions
+
+    path = _jsonl(tmp_path / "i.jsonl", IFEVAL_ROWS)
+    assert load_instructions(str(path), 1, 1) == [IFEVAL_ROWS[1]["prompt"]]
+    assert load_instructions(str(path)) == [r["prompt"] for r in IFEVAL_ROWS]
+    generated = [r["prompt"] for r in instruction_tasks.generate("train", 30, seed=0)]
+    assert load_instructions("generated:train", 10, 20) == generated[10:30]
+    assert load_instructions("builtin:train", 238, 2) == load_prompt_set("builtin:train").texts[238:]
+    with pytest.raises(ValueError, match="240 usable records; 241 requested"):
+        load_instructions("builtin:train", 1, 240)
