@@ -19,6 +19,7 @@ under $SPI_CACHE_DIR/datasets (default ~/.cache/spi/datasets).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -49,7 +50,7 @@ class PromptSetError(ValueError):
     """Bad prompt-set input; the message names the source and, where it applies, the 1-based row."""
 
     def __init__(self, source, row: int | None, message: str):
-        self.source, self.row = str(source), row
+        self.source, self.row, self.message = str(source), row, message
         where = f"{source}, row {row}" if row is not None else str(source)
         super().__init__(f"{where}: {message}")
 
@@ -134,18 +135,34 @@ def _generated(text: str, count, seed, kinds, max_constraints) -> PromptSet:
     return PromptSet(f"generated:{parts[1]}:{seed}", "ifeval", records)
 
 
-def _read_json(path: Path, schema: str, cache, name: str | None = None) -> tuple[str, str, list[dict], Path | None]:
+def read_records(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> list[tuple[int, dict]]:
+    """(1-based row, record) pairs of a local JSON list or JSONL file, read and cached by ``datasets``.
+
+    JSON null and an absent field both come back as None (``datasets`` gives every record every column).
+    ``datasets`` tells a changed local file by its mtime alone, which a quick rewrite can leave equal: the
+    cache folder is keyed by the content's digest too.
+    """
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
+    path = Path(path)
+    if not path.is_file():
+        raise PromptSetError(path, None, "no such file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    folder = Path(cache or cache_dir()) / "files" / digest
     try:
-        dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache or cache_dir()))
+        dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=str(folder))
     except DatasetGenerationError as err:
         raise _locate_bad_json(path, err) from None
-    return name or str(path), schema, dataset.to_list(), path
+    rows = dataset.to_list()
+    return list(zip(_row_numbers(path, len(rows)), rows, strict=True))
 
 
-def _read_hub(hub_id: str, split: str, schema: str, cache) -> tuple[str, str, list[dict], Path | None]:
+def _read_json(path: Path, schema: str, cache, name: str | None = None) -> tuple[str, str, list[tuple[int, dict]]]:
+    return name or str(path), schema, read_records(path, cache)
+
+
+def _read_hub(hub_id: str, split: str, schema: str, cache) -> tuple[str, str, list[tuple[int, dict]]]:
     from datasets import load_dataset
 
     try:
@@ -155,7 +172,7 @@ def _read_hub(hub_id: str, split: str, schema: str, cache) -> tuple[str, str, li
         reason = (f"not in the cache {cache or cache_dir()} and HF_HUB_OFFLINE=1 (give a local file, or "
                   "load it once online)" if offline else f"cannot be loaded ({err})")
         raise PromptSetError(f"hub:{hub_id}", None, reason) from None
-    return f"hub:{hub_id}[{split}]", schema, dataset.to_list(), None
+    return f"hub:{hub_id}[{split}]", schema, list(enumerate(dataset.to_list(), start=1))
 
 
 def _locate_bad_json(path: Path, err: Exception) -> PromptSetError:
@@ -176,9 +193,9 @@ def _locate_bad_json(path: Path, err: Exception) -> PromptSetError:
 
 
 # ----------------------------------------------------------------------------- validation
-def _row_numbers(path: Path | None, n: int) -> list[int]:
+def _row_numbers(path: Path, n: int) -> list[int]:
     """1-based row of each record: the line of a JSONL file, else the position."""
-    if path is not None and path.suffix == ".jsonl":
+    if path.suffix == ".jsonl":
         lines = path.read_text(encoding="utf-8").splitlines()
         numbers = [i for i, line in enumerate(lines, 1) if line.strip()]
         if len(numbers) == n:
@@ -225,15 +242,14 @@ def _ifeval_record(name, row, record) -> dict:
     return {**record, "prompt": prompt, "instruction_id_list": list(ids), "kwargs": cleaned}
 
 
-def _finish(loaded: tuple[str, str, list[dict], Path | None], kinds, count: int | None) -> PromptSet:
-    name, schema, rows, path = loaded
-    if not rows:
+def _finish(loaded: tuple[str, str, list[tuple[int, dict]]], kinds, count: int | None) -> PromptSet:
+    name, schema, pairs = loaded
+    if not pairs:
         raise PromptSetError(name, None, "no records")
-    schema = _detect(name, rows, schema)
-    numbers = _row_numbers(path, len(rows))
+    schema = _detect(name, [record for _, record in pairs], schema)
     records, first_row, dropped = [], {}, Counter()
     allowed = kinds if callable(kinds) or kinds is None else set(kinds).__contains__
-    for row, record in zip(numbers, rows, strict=True):
+    for row, record in pairs:
         if schema == "alpaca":
             record = {**record, "instruction": _text(name, row, record, "instruction")}
             text = record["instruction"]
@@ -248,10 +264,10 @@ def _finish(loaded: tuple[str, str, list[dict], Path | None], kinds, count: int 
             raise PromptSetError(name, row, f"duplicate prompt (first seen at row {first_row[text]})")
         first_row[text] = row
         records.append(record)
-    dropped_count = len(rows) - len(records)
+    dropped_count = len(pairs) - len(records)
     if dropped_count:
         log.warning("%s: dropped %d of %d prompts whose constraint kinds are not allowed here: %s",
-                    name, dropped_count, len(rows), dict(sorted(dropped.items())))
+                    name, dropped_count, len(pairs), dict(sorted(dropped.items())))
     if not records:
         raise PromptSetError(name, None, "no records left after restricting the constraint kinds")
     if count is not None:

@@ -147,3 +147,14 @@ def test_load_instructions_slices_any_source(tmp_path):
     assert load_instructions("builtin:train", 238, 2) == load_prompt_set("builtin:train").texts[238:]
     with pytest.raises(ValueError, match="240 usable records; 241 requested"):
         load_instructions("builtin:train", 1, 240)
+
+
+def test_a_rewritten_file_is_read_again_even_with_the_same_mtime(tmp_path):
+    import os
+
+    path = _jsonl(tmp_path / "p.jsonl", ALPACA_ROWS)
+    stamp = path.stat().st_mtime_ns
+    assert load_prompt_set(path).texts[0] == "Name three rivers."
+    _jsonl(path, [{"instruction": "Name three lakes."}])
+    os.utime(path, ns=(stamp, stamp))
+    assert load_prompt_set(path).texts == ["Name three lakes."]
