@@ -84,8 +84,13 @@ def cache_dir() -> Path:
 def load_prompt_set(source: str | os.PathLike, *, schema: str = "auto", split: str | None = None,
                     count: int | None = None, seed: int = 0, kinds=None, max_constraints: int = 3,
                     cache: str | os.PathLike | None = None) -> PromptSet:
-    """Load ``source`` (see the module docstring). ``kinds`` restricts IFEval-schema sets to those
-    constraint kinds (for ``generated:*``: the kinds to draw from); ``count`` caps the number of records."""
+    """Load ``source`` (see the module docstring).
+
+    ``kinds`` (instruction ids, or a predicate on one) keeps the IFEval-schema records whose constraints
+    all qualify; for ``generated:*`` it lists the kinds to draw from; for ``ifbench:test`` it defaults to
+    :func:`offline_checkable`. ``count`` takes the first records (an error when fewer are usable);
+    ``split`` names a hub dataset's split (default "train"); ``seed`` and ``max_constraints`` shape
+    ``generated:*``; ``cache`` overrides the cache folder."""
     if schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
     text = str(source)
