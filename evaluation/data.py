@@ -90,7 +90,7 @@ def _text(path, row, obj, key, *, allow_empty=False) -> str:
 def load_eval_set(source: str | os.PathLike = "builtin", *, require_references: bool = True) -> list[dict]:
     """Load an eval set from a file, a folder, ``"builtin"`` or ``"hub"`` (see module docstring)."""
     if str(source) == "builtin":
-        return _parse_eval_rows(BUILTIN_EVAL, read_rows(BUILTIN_EVAL), require_references=False)
+        return _parse_eval_rows(BUILTIN_EVAL, _read_eval_rows(BUILTIN_EVAL), require_references=False)
     if str(source) == "hub":
         return load_eval_set_from_hub()
     path = Path(source).expanduser()
@@ -101,7 +101,18 @@ def load_eval_set(source: str | os.PathLike = "builtin", *, require_references: 
                 break
         else:
             raise DataError(path, None, f"folder holds none of {', '.join(FOLDER_CANDIDATES)}")
-    return _parse_eval_rows(path, read_rows(path), require_references=require_references)
+    return _parse_eval_rows(path, _read_eval_rows(path), require_references=require_references)
+
+
+def _read_eval_rows(path: Path) -> list[tuple[int, dict]]:
+    """Rows of an eval-set file through the one prompt-set loader (``datasets``, cached); null = absent."""
+    from spi.prompt_sets import PromptSetError, read_records
+
+    try:
+        rows = read_records(path)
+    except PromptSetError as err:
+        raise DataError(err.source, err.row, err.message) from None
+    return [(row, {k: v for k, v in obj.items() if v is not None}) for row, obj in rows]
 
 
 def _parse_eval_rows(path, rows, *, require_references: bool) -> list[dict]:

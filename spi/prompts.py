@@ -1,4 +1,4 @@
-"""Prompt formatting and the built-in training prompts.
+"""Prompt formatting, and the training prompts (read through :mod:`spi.prompt_sets`).
 
 ``chat_prompt_ids`` is the one place a policy prompt is built; ``value_input_ids`` is the one place a
 value model's input is built, used by fitting and by search alike (IRO trained its value on templated
@@ -6,11 +6,6 @@ prompts and scored raw ones at decode time; sharing one function rules that out)
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-
-BUILTIN_TRAIN = Path(__file__).parent / "data" / "train_prompts.jsonl"
 
 
 def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
@@ -29,31 +24,9 @@ def value_input_ids(prompt_ids: list[int], response_ids: list[int]) -> list[int]
 
 
 def load_instructions(source: str, offset: int = 0, count: int | None = None) -> list[str]:
-    """Instructions from 'builtin:train' or a JSON/JSONL file whose records have an 'instruction'."""
-    path = BUILTIN_TRAIN if source == "builtin:train" else Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        records = json.loads(text)
-    else:
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-    instructions = []
-    for row, record in enumerate(records, 1):
-        value = record.get("instruction") if isinstance(record, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}: record {row} has no non-empty 'instruction' field")
-        instructions.append(value)
-    end = None if count is None else offset + count
-    selected = instructions[offset:end]
-    if count is not None and len(selected) < count:
-        raise ValueError(
-            f"{path} has {len(instructions)} instructions; offset {offset} + count {count} needs more"
-        )
-    return selected
+    """Prompt texts ``[offset, offset + count)`` of any source :func:`spi.prompt_sets.load_prompt_set` reads:
+    'builtin:train', 'generated:train[:SEED]', a JSON/JSONL file of either schema, a hub id, ..."""
+    from spi.prompt_sets import load_prompt_set
+
+    prompts = load_prompt_set(source, count=None if count is None else offset + count)
+    return prompts.texts[offset:]
