@@ -40,10 +40,6 @@ DEFAULT_GENERATED_COUNT = 1000
 # IFBench kinds whose checkers need NLTK data that no installed package ships (punkt_tab, stopwords, the
 # POS tagger): found by running every IFBench checker on the package's sample responses without that data.
 # Used only where spi.verifiers (which makes punkt_tab available offline) is absent.
-IFBENCH_NEEDS_NLTK_DATA = frozenset({
-    "format:quote_unquote", "format:title_case", "ratio:stop_words", "sentence:increment",
-    "words:start_verb", "words:words_position",
-})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -124,13 +120,10 @@ def ifbench_test_file() -> Path:
 
 
 def offline_checkable():
-    """Predicate on constraint kinds: checkable here without a download. ``spi.verifiers.offline_kinds()``
-    decides where that module is present; without it, every kind but ``IFBENCH_NEEDS_NLTK_DATA``."""
-    if importlib.util.find_spec("spi.verifiers") is not None:
-        from spi import verifiers
+    """Predicate on constraint kinds: checkable here without a download (``spi.verifiers.offline_kinds``)."""
+    from spi import verifiers
 
-        return set(verifiers.offline_kinds()).__contains__
-    return lambda kind: kind not in IFBENCH_NEEDS_NLTK_DATA
+    return set(verifiers.offline_kinds()).__contains__
 
 
 # ----------------------------------------------------------------------------- sources
