@@ -106,8 +106,8 @@ def cmd_run(args) -> int:
     try:  # fail before anything starts: recipe, tracking URI, store URL
         overrides = parse_overrides(args.overrides)
         recipe = load_recipe(args.recipe, overrides)
-        from flows.experiment import Context
         from evaluation.judges import check_independent, check_judge_available
+        from flows.experiment import Context
 
         check_judge_available(recipe.evaluation.judge)
         check_independent(
