@@ -100,26 +100,26 @@ def judge_kind(spec: str) -> tuple[JudgeKind, str]:
     return JUDGES[name], arg
 
 
-def judge_kwargs(spec: str, reward: dict | None = None, **overrides) -> dict:
-    """The factory's keyword arguments for ``spec`` (``overrides`` win over the parsed argument)."""
+def _parsed(spec: str, reward: dict | None, overrides: dict) -> tuple[JudgeKind, dict]:
+    """(the kind of ``spec``, its factory's keyword arguments; ``overrides`` win over the parsed argument)."""
     kind, arg = judge_kind(spec)
     try:
         kwargs = kind.parse(arg, reward)
     except (ValueError, TypeError) as err:
         raise JudgeSpecError(f"judge '{spec}': {err} (form: {kind.syntax})") from err
-    return {**kwargs, **overrides}
+    return kind, {**kwargs, **overrides}
 
 
 def check_judge_available(spec: str, reward: dict | None = None, **overrides) -> None:
     """Fail early (before any model loads or stage runs) when ``spec`` cannot be resolved here."""
-    kind, _ = judge_kind(spec)
-    kind.check(judge_kwargs(spec, reward, **overrides))
+    kind, kwargs = _parsed(spec, reward, overrides)
+    kind.check(kwargs)
 
 
 def resolve_judge(spec: str, reward: dict | None = None, **overrides) -> Judge:
-    """The judge ``spec`` names, built by its registered factory (``reward``: the recipe's reward section)."""
-    kind, _ = judge_kind(spec)
-    kwargs = judge_kwargs(spec, reward, **overrides)
+    """The judge ``spec`` names, built by its registered factory (``reward``: the recipe's reward section;
+    ``overrides``: keyword arguments of the factory, e.g. ``spi eval judge --judge-arg``)."""
+    kind, kwargs = _parsed(spec, reward, overrides)
     kind.check(kwargs)
     return kind.factory(**kwargs)
 
@@ -333,12 +333,12 @@ def _check_local(kwargs: dict) -> None:
     fingerprint=lambda arg, reward: _folder_version(_local_folder(arg or DEFAULT_LOCAL_JUDGE)),
     check=_check_local,
 )
-def _local_judge(name: str = "", embed_cache_dir=None):
+def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, embed_cache_dir=None):
     """The local judge ``name``, trained first when absent (:func:`evaluation.judging.ensure_local_judge`)."""
     from .judging import ensure_local_judge
     from .trained_judge import TrainedJudge, default_embed_cache
 
-    folder = ensure_local_judge(name or DEFAULT_LOCAL_JUDGE)
+    folder = ensure_local_judge(name)
     return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache())
 
 
