@@ -59,3 +59,10 @@ def test_a_tiny_experiment_is_judged_by_a_registered_judge(toy, tmp_path):
         prefs = [a["preference"] for a in payload["annotations"]]
         assert prefs == [1.875 if "toy" in a["output"] else 1.125 for a in payload["annotations"]]
         assert out["systems"][payload["system"]]["win_rate"] == pytest.approx(100 * sum(p - 1 for p in prefs) / len(prefs))
+
+
+def test_the_experiment_deployment_names_the_registered_judges(toy):
+    from flows.deployments import deployments
+
+    experiment = next(d for d in deployments() if d.name == "spi-experiment")
+    assert "toy[:BIAS]" in experiment.description and "local[:NAME]" in experiment.description
