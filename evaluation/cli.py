@@ -3,7 +3,7 @@
     spi eval leaderboard --eval-set FILE --outputs DIR --preferences DIR --out FILE.json
     spi eval train-judge --eval-set FILE --outputs DIR --preferences DIR --out DIR [--backbone minilm-l6]
     spi eval judge-agreement --eval-set FILE --outputs DIR --preferences DIR [--backbone minilm-l6]
-    spi eval judge --eval-set FILE --outputs FILE --judge NAME [--judge-arg k=v] --out FILE.json
+    spi eval judge --eval-set FILE --outputs FILE --judge SPEC [--judge-arg k=v] --out FILE.json
     spi eval ifeval --prompts FILE --responses FILE --out FILE.json
 
 Standalone: ``python -m evaluation.cli leaderboard ...``.
@@ -30,6 +30,8 @@ def _subset_args(p):
 
 def add_eval_commands(subparsers) -> None:
     """Register the evaluation subcommands on an argparse subparsers object."""
+    from .judges import judge_syntaxes
+
     p = subparsers.add_parser("leaderboard", help="score outputs+preferences folders into a leaderboard JSON")
     _common(p)
     p.add_argument("--out", required=True, help="JSON file: {model: {win_rate, length_controlled_winrate, ...}}")
@@ -68,8 +70,9 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--references", default=None,
                    help="AlpacaEval JSON/JSONL outputs of the reference generator (e.g. the base policy); "
                         "required for eval sets without references such as 'builtin'")
-    p.add_argument("--judge", default="length", help="registered judge name (length, reward, llm, trained, alpaca_eval)")
-    p.add_argument("--judge-arg", action="append", default=[], help="judge keyword argument k=v (repeatable)")
+    p.add_argument("--judge", default="length", help=f"a registered judge's spec: {judge_syntaxes()}")
+    p.add_argument("--judge-arg", action="append", default=[],
+                   help="keyword argument k=v of the judge's factory, over the spec's (repeatable)")
     p.add_argument("--cache", default=None, help="SQLite judgement cache (default $SPI_CACHE_DIR/judgements.sqlite)")
     p.add_argument("--out", default=None, help="write {index, preference} JSONL here")
     _subset_args(p)
@@ -144,14 +147,19 @@ def cmd_judge(args) -> int:
     import os
 
     from .data import read_model_outputs
-    from .judges import JudgementCache, judge_pairs, make_judge
+    from .judges import JudgeSpecError, resolve_judge
+    from .judging import JudgementCache, judge_pairs
     from .metrics import win_rate_metrics
 
     eval_set, indices = _load_eval(args)
     outputs = read_model_outputs(args.outputs, eval_set)
     chosen = set(indices)
     outputs = {i: o for i, o in outputs.items() if i in chosen}
-    judge = make_judge(args.judge, **_parse_kwargs(args.judge_arg))
+    try:
+        judge = resolve_judge(args.judge, **_parse_kwargs(args.judge_arg))
+    except JudgeSpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cache_path = args.cache or Path(os.environ.get("SPI_CACHE_DIR") or Path.home() / ".cache" / "spi") / "judgements.sqlite"
     if args.references:
         refs = read_model_outputs(args.references, eval_set)

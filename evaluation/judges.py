@@ -1,4 +1,4 @@
-"""Pairwise judges and the judgement cache.
+"""Pairwise judges, the one registry of judge kinds, and the judgement cache.
 
 A judge compares a model's output with a reference output for an instruction and returns a preference
 p in [1, 2] (1 = reference better, 2 = model output better), AlpacaEval's convention with the reference
@@ -6,10 +6,21 @@ as output_1. Every judge has an ``identity``: a string naming its model and ever
 its answers; the cache keys on (identity, instruction, reference, output), so a changed judge is never
 served stale answers.
 
-Registry (:func:`make_judge`): ``length`` (length-only baseline, also the dummy for tests), ``reward``
-(a :class:`spi.reward.RewardModel`), ``llm`` (a local causal LM following the weighted annotator's
-protocol), ``trained`` (a head trained by :func:`evaluation.trained_judge.train_judge`), and
-``alpaca_eval`` (the official API annotators through alpaca_eval, needs an OpenAI key).
+A recipe, ``spi eval judge`` and the Prefect form name a judge by a spec, ``KIND`` or ``KIND:ARG``.
+:func:`register_judge` registers a kind once, with everything the rest of the code asks of it: how the
+spec's argument is parsed into the factory's keywords, what besides the spec identifies its answers
+(for stage keys, without loading it), whether it is the recipe's reward model, and whether it can be
+built here at all. The built-in kinds:
+
+    length | length:SCALE          length-only baseline (the dummy for tests)
+    reward | reward:KIND:MODEL    a reward model as judge (``reward`` alone = the recipe's reward model,
+                                  refused unless allowed: it would grade its own homework)
+    llm | llm:MODEL               a local causal LM as pairwise judge
+    trained:FOLDER                a judge folder written by evaluation.trained_judge
+    local | local:NAME            a trained Bradley-Terry judge: NAME is a folder, or a judge saved under
+                                  $SPI_CACHE_DIR/judges/NAME (``minilm-bt`` is trained there on first use
+                                  when the AlpacaEval preference data is present; evaluation/judging.py)
+    alpaca_eval | alpaca_eval:CONFIG   the official API annotators (needs OPENAI_API_KEY)
 """
 
 from __future__ import annotations
@@ -18,9 +29,8 @@ import hashlib
 import json
 import math
 import os
-import sqlite3
-import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -33,29 +43,111 @@ class Judge(Protocol):
         """Preferences in [1, 2] (2 = output better than reference), one per instruction."""
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {}
+class JudgeSpecError(ValueError):
+    """A judge spec that cannot be resolved; the message says what to do."""
 
 
-def register_judge(name: str):
+def _no_argument(arg: str, reward: dict | None) -> dict:
+    if arg:
+        raise JudgeSpecError(f"takes no argument, got '{arg}'")
+    return {}
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """A registered kind of judge. The hooks take the spec's argument (after the first ':') and the
+    recipe's reward section (a dict, None outside a recipe)."""
+
+    name: str
+    factory: Callable[..., Judge]  # keyword arguments -> the judge
+    syntax: str  # the spec's form, shown in errors, ``--help`` and the Prefect form
+    parse: Callable[[str, dict | None], dict] = _no_argument  # -> the factory's keyword arguments
+    fingerprint: Callable[[str, dict | None], str | None] = lambda arg, reward: None  # identity beyond the spec
+    same_as_reward: Callable[[str, dict], bool] = lambda arg, reward: False  # is it the training reward?
+    check: Callable[[dict], None] = lambda kwargs: None  # can it be built here? raises JudgeSpecError
+
+
+JUDGES: dict[str, JudgeKind] = {}
+DEFAULT_LOCAL_JUDGE = "minilm-bt"
+
+
+def register_judge(name: str, *, syntax: str | None = None, **hooks):
+    """Decorator registering a judge factory (a class or function) under ``name``; ``hooks`` are the
+    optional :class:`JudgeKind` fields (parse, fingerprint, same_as_reward, check)."""
+
     def decorator(factory):
-        JUDGES[name] = factory
+        JUDGES[name] = JudgeKind(name, factory, syntax or name, **hooks)
         return factory
 
     return decorator
 
 
-def make_judge(name: str, **kwargs) -> Judge:
-    """Build a registered judge by name (see module docstring)."""
+def split_spec(spec: str) -> tuple[str, str]:
+    name, _, arg = str(spec).partition(":")
+    return name.strip(), arg.strip()
+
+
+def judge_syntaxes() -> str:
+    """The registered judges' spec forms, for messages and help texts."""
+    return ", ".join(kind.syntax for kind in JUDGES.values())
+
+
+def judge_kind(spec: str) -> tuple[JudgeKind, str]:
+    """(the registered kind of ``spec``, its argument); an unknown kind names the registered ones."""
+    name, arg = split_spec(spec)
     if name not in JUDGES:
-        raise KeyError(f"unknown judge '{name}'; known: {', '.join(sorted(JUDGES))}")
-    return JUDGES[name](**kwargs)
+        raise JudgeSpecError(f"unknown judge '{spec}': registered judges are {judge_syntaxes()}")
+    return JUDGES[name], arg
+
+
+def _parsed(spec: str, reward: dict | None, overrides: dict) -> tuple[JudgeKind, dict]:
+    """(the kind of ``spec``, its factory's keyword arguments; ``overrides`` win over the parsed argument)."""
+    kind, arg = judge_kind(spec)
+    try:
+        kwargs = kind.parse(arg, reward)
+    except (ValueError, TypeError) as err:
+        raise JudgeSpecError(f"judge '{spec}': {err} (form: {kind.syntax})") from err
+    return kind, {**kwargs, **overrides}
+
+
+def check_judge_available(spec: str, reward: dict | None = None, **overrides) -> None:
+    """Fail early (before any model loads or stage runs) when ``spec`` cannot be resolved here."""
+    kind, kwargs = _parsed(spec, reward, overrides)
+    kind.check(kwargs)
+
+
+def resolve_judge(spec: str, reward: dict | None = None, **overrides) -> Judge:
+    """The judge ``spec`` names, built by its registered factory (``reward``: the recipe's reward section;
+    ``overrides``: keyword arguments of the factory, e.g. ``spi eval judge --judge-arg``)."""
+    kind, kwargs = _parsed(spec, reward, overrides)
+    kind.check(kwargs)
+    return kind.factory(**kwargs)
+
+
+def judge_fingerprint(spec: str, reward: dict | None = None) -> str:
+    """What identifies the judge's answers, computed without loading it (for stage keys)."""
+    kind, arg = judge_kind(spec)
+    extra = kind.fingerprint(arg, reward)
+    return spec if extra is None else f"{spec}@{extra}"
+
+
+def check_independent(spec: str, reward: dict, allow_same: bool = False) -> None:
+    """Refuse a judge that is the recipe's reward model (the experiment optimised against it)."""
+    kind, arg = judge_kind(spec)
+    if not allow_same and kind.same_as_reward(arg, reward):
+        raise JudgeSpecError(
+            f"evaluation.judge '{spec}' is the reward model the experiment was trained on "
+            f"({reward.get('kind')}:{reward.get('model')}); pick another judge "
+            "(e.g. local:minilm-bt or length) or allow it explicitly and report it"
+        )
 
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _digest(*parts: str) -> str:
+def digest_parts(*parts: str) -> str:
+    """sha256 of the parts, each ended by a NUL byte (judge identities and judgement-cache keys)."""
     h = hashlib.sha256()
     for part in parts:
         h.update(part.encode("utf-8"))
@@ -63,93 +155,8 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()
 
 
-def require_independent_judge(judge_identity: str, reward_identity: str | None, *, allow_same: bool = False) -> None:
-    """Refuse to score an experiment with the reward model that trained it (unless ``allow_same``)."""
-    if reward_identity and not allow_same and reward_identity in judge_identity:
-        raise ValueError(
-            f"the judge ({judge_identity}) is the reward model used for training ({reward_identity}); "
-            "pick another judge or pass allow_same=True and report it"
-        )
-
-
-# ----------------------------------------------------------------------------- cache
-class JudgementCache:
-    """SQLite cache of preferences keyed by (judge identity, instruction, reference, output)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, judge TEXT, preference REAL)")
-
-    def _connect(self):
-        return sqlite3.connect(self.path, timeout=30)
-
-    @staticmethod
-    def key(identity: str, instruction: str, reference: str, output: str) -> str:
-        return _digest(identity, instruction, reference, output)
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, float]:
-        found = {}
-        with self._lock, self._connect() as db:
-            for start in range(0, len(keys), 500):
-                chunk = list(keys[start:start + 500])
-                marks = ",".join("?" * len(chunk))
-                found.update(db.execute(f"SELECT key, preference FROM judgements WHERE key IN ({marks})", chunk))
-        return found
-
-    def put_many(self, identity: str, items: dict[str, float]) -> None:
-        with self._lock, self._connect() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO judgements (key, judge, preference) VALUES (?, ?, ?)",
-                [(k, identity, float(v)) for k, v in items.items()],
-            )
-
-    def __len__(self) -> int:
-        with self._connect() as db:
-            return db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
-
-
-def judge_pairs(
-    judge: Judge,
-    instructions: Sequence[str],
-    outputs: Sequence[str],
-    references: Sequence[str],
-    *,
-    cache: JudgementCache | None = None,
-    batch_size: int = 16,
-) -> list[float]:
-    """Judge every (instruction, output, reference), asking the judge only for what the cache lacks.
-
-    Each batch is written to the cache as soon as it is judged, so a failure in a later batch keeps
-    the earlier judgements. Returned preferences are checked to lie in [1, 2].
-    """
-    if not (len(instructions) == len(outputs) == len(references)):
-        raise ValueError("instructions, outputs and references must have the same length")
-    keys = [JudgementCache.key(judge.identity, i, r, o) for i, o, r in zip(instructions, outputs, references, strict=False)]
-    known = cache.get_many(keys) if cache is not None else {}
-    todo = [n for n, k in enumerate(keys) if k not in known]
-    todo = list(dict.fromkeys(todo))
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start:start + batch_size]
-        prefs = judge.judge([instructions[n] for n in rows], [outputs[n] for n in rows], [references[n] for n in rows])
-        if len(prefs) != len(rows):
-            raise RuntimeError(f"judge {judge.identity} returned {len(prefs)} preferences for {len(rows)} pairs")
-        new = {}
-        for n, p in zip(rows, prefs, strict=False):
-            p = float(p)
-            if not (math.isfinite(p) and 1.0 <= p <= 2.0):
-                raise ValueError(f"judge {judge.identity} returned preference {p} outside [1, 2]")
-            new[keys[n]] = p
-        if cache is not None:
-            cache.put_many(judge.identity, new)
-        known.update(new)
-    return [known[k] for k in keys]
-
-
-# ----------------------------------------------------------------------------- judges
-@register_judge("length")
+# ----------------------------------------------------------------------------- built-in judges
+@register_judge("length", syntax="length[:SCALE]", parse=lambda arg, reward: {"scale": float(arg)} if arg else {})
 class LengthJudge:
     """Length-only baseline: P(output better) = sigmoid(scale * log(len(output) / len(reference)))."""
 
@@ -163,7 +170,28 @@ class LengthJudge:
         ]
 
 
-@register_judge("reward")
+def _reward_config(arg: str, reward: dict | None):
+    """``reward:KIND:MODEL``'s reward model, or with no argument the recipe's (the default one outside a recipe)."""
+    from spi.config import RewardConfig
+
+    if not arg:
+        return RewardConfig(**(reward or {}))
+    kind, _, model = arg.partition(":")
+    return RewardConfig(kind=kind, model=model)
+
+
+def _reward_is_training_reward(arg: str, reward: dict) -> bool:
+    kind, _, model = arg.partition(":")
+    return not arg or (kind == reward.get("kind") and model == reward.get("model"))
+
+
+@register_judge(
+    "reward",
+    syntax="reward[:KIND:MODEL]",
+    parse=lambda arg, reward: {"config": _reward_config(arg, reward)},
+    fingerprint=lambda arg, reward: None if arg else json.dumps(reward, sort_keys=True),
+    same_as_reward=_reward_is_training_reward,
+)
 class RewardJudge:
     """P(output better) = sigmoid(r(output) - r(reference)) from a :class:`spi.reward.RewardModel`."""
 
@@ -193,7 +221,16 @@ JUDGE_TEMPLATE = (
 )
 
 
-@register_judge("llm")
+DEFAULT_LLM_JUDGE = "smollm2-135m-instruct"
+
+
+@register_judge(
+    "llm",
+    syntax="llm[:MODEL]",
+    parse=lambda arg, reward: {"model": arg} if arg else {},
+    same_as_reward=lambda arg, reward: reward.get("kind") == "llm-judge"
+    and (arg or DEFAULT_LLM_JUDGE) == reward.get("model"),
+)
 class LocalLLMJudge:
     """A local causal LM as pairwise judge, following alpaca_eval's weighted annotator protocol.
 
@@ -202,7 +239,7 @@ class LocalLLMJudge:
     each pair is judged in both orders and averaged, which cancels position bias.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", max_chars: int = 2000,
+    def __init__(self, model: str = DEFAULT_LLM_JUDGE, dtype: str = "float32", max_chars: int = 2000,
                  batch_size: int = 4):
         from spi.models import CausalLM
 
@@ -213,7 +250,7 @@ class LocalLLMJudge:
         if self.label_ids[0] == self.label_ids[1]:
             raise ValueError(f"model {model}: labels m and M share a first token")
         settings = json.dumps([dtype, self.max_chars, JUDGE_SYSTEM, JUDGE_TEMPLATE], sort_keys=True)
-        self.identity = f"llm:{model}:{_digest(settings)[:16]}"
+        self.identity = f"llm:{model}:{digest_parts(settings)[:16]}"
 
     def _prompt(self, instruction, first, second) -> str:
         cut = self.max_chars
@@ -248,20 +285,82 @@ class LocalLLMJudge:
         return [1.0 + 0.5 * (a + (1.0 - b)) for a, b in zip(p_fwd, p_swp, strict=False)]
 
 
-@register_judge("trained")
+def _check_trained(kwargs: dict) -> None:
+    path = kwargs.get("path")
+    if not path or not (Path(path) / "judge_head.json").is_file():
+        raise JudgeSpecError(f"judge 'trained:{path or ''}': {path or '(empty)'} is not a trained judge folder")
+
+
+def _folder_version(folder: Path) -> str:
+    """Digest of a judge folder's files (names and bytes), or 'untrained' when there is none."""
+    if not folder.is_dir():
+        return "untrained"
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@register_judge(
+    "trained",
+    syntax="trained:FOLDER",
+    parse=lambda arg, reward: {"path": str(Path(arg).expanduser())} if arg else {},
+    fingerprint=lambda arg, reward: _folder_version(Path(arg).expanduser().resolve()) if arg else "untrained",
+    check=_check_trained,
+)
 def _trained_judge(path: str, **kwargs):
     from .trained_judge import TrainedJudge
 
     return TrainedJudge.load(path, **kwargs)
 
 
-@register_judge("alpaca_eval")
+def _local_folder(name: str) -> Path:
+    from .judging import local_judge_folder
+
+    return local_judge_folder(name)
+
+
+def _check_local(kwargs: dict) -> None:
+    from .judging import check_local_judge
+
+    check_local_judge(kwargs["name"])
+
+
+@register_judge(
+    "local",
+    syntax="local[:NAME]",
+    parse=lambda arg, reward: {"name": arg or DEFAULT_LOCAL_JUDGE},
+    fingerprint=lambda arg, reward: _folder_version(_local_folder(arg or DEFAULT_LOCAL_JUDGE)),
+    check=_check_local,
+)
+def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, embed_cache_dir=None):
+    """The local judge ``name``, trained first when absent (:func:`evaluation.judging.ensure_local_judge`)."""
+    from .judging import ensure_local_judge
+    from .trained_judge import TrainedJudge, default_embed_cache
+
+    folder = ensure_local_judge(name)
+    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache())
+
+
+def _check_alpaca_eval(kwargs: dict) -> None:
+    import importlib.util
+
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise JudgeSpecError("the alpaca_eval judge needs OPENAI_API_KEY (or an OpenAI client config)")
+    if importlib.util.find_spec("alpaca_eval") is None:
+        raise JudgeSpecError("the alpaca_eval judge needs the alpaca-eval package")
+
+
+@register_judge(
+    "alpaca_eval",
+    syntax="alpaca_eval[:CONFIG]",
+    parse=lambda arg, reward: {"annotators_config": arg} if arg else {},
+    check=_check_alpaca_eval,
+)
 class AlpacaEvalAPIJudge:  # pragma: no cover - needs an API key and the network
     """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval."""
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None):
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise RuntimeError("the alpaca_eval judge needs OPENAI_API_KEY (or an OpenAI client config)")
         from alpaca_eval.annotators import PairwiseAnnotator
 
         self.annotator = PairwiseAnnotator(annotators_config=annotators_config, caching_path=caching_path)

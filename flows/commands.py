@@ -71,7 +71,7 @@ def add_commands(subparsers) -> None:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from evaluation.data import DataError
-    from flows.judging import JudgeSpecError
+    from evaluation.judges import JudgeSpecError
     from flows.tasks import StageError
     from mlflow_store.registry import RegistryError
     from mlflow_store.store import StoreError
@@ -106,8 +106,8 @@ def cmd_run(args) -> int:
     try:  # fail before anything starts: recipe, tracking URI, store URL
         overrides = parse_overrides(args.overrides)
         recipe = load_recipe(args.recipe, overrides)
+        from evaluation.judges import check_independent, check_judge_available
         from flows.experiment import Context
-        from flows.judging import check_independent, check_judge_available
 
         check_judge_available(recipe.evaluation.judge)
         check_independent(

@@ -20,6 +20,7 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
     """``RunnerDeployment`` objects for ``serve(*deployments())``."""
     from prefect.schedules import Cron
 
+    from evaluation.judges import judge_syntaxes
     from flows.experiment import evaluate_value_model, fit_local_judge, promote_value_model, spi_experiment
 
     tags = ["spi"]
@@ -28,7 +29,8 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
             name="spi-experiment",
             tags=tags,
             parameters={"recipe": recipe, "overrides": {}, "workdir": workdir},
-            description="An SPI experiment: iterations, baselines, judging, tracking, registry.",
+            description="An SPI experiment: iterations, baselines, judging, tracking, registry. The judge is "
+            f"overrides {{'evaluation': {{'judge': SPEC}}}}, SPEC one of the registered judges: {judge_syntaxes()}.",
         ),
         evaluate_value_model.to_deployment(
             name="evaluate-champion",

@@ -146,7 +146,7 @@ def decode_shard_task(
 @lru_cache(maxsize=2)
 def _judge_model(spec: str, reward: str):
     """The judge, loaded once per worker process (``reward``: the reward section as JSON)."""
-    from flows.judging import resolve_judge
+    from evaluation.judges import resolve_judge
 
     return resolve_judge(spec, json.loads(reward))
 
@@ -166,7 +166,7 @@ def judge_shard_task(
 ) -> str:
     """The annotations of prompts ``indices`` (``flows.judging.judge_rows``), one JSONL row per prompt
     with its prompt_index and the judge's identity. Reads the SQLite judge cache, never writes it."""
-    from flows.judging import ShardJudgementCache, judge_rows
+    from evaluation.judging import ShardJudgementCache, judge_rows
 
     out_path = Path(out)
     if not pipeline.is_done(out_path, key):
@@ -449,15 +449,8 @@ def judge_body(
     'reference_output') by the recipe's judge, sharded by prompt. The annotations are merged by prompt
     index and the metrics computed once on all of them (``flows.judging.judge_payload``, as the unsharded
     judge stage does, so the file is the same); this process alone writes the SQLite judge cache."""
-    from flows.judging import (
-        DEFAULT_LOCAL_JUDGE,
-        check_independent,
-        ensure_local_judge,
-        judge_fingerprint,
-        judge_payload,
-        split_spec,
-        store_judgements,
-    )
+    from evaluation.judges import DEFAULT_LOCAL_JUDGE, check_independent, judge_fingerprint, split_spec
+    from evaluation.judging import ensure_local_judge, judge_payload, store_judgements
 
     r, t0 = lay.recipe, time.perf_counter()
     spec, reward = r.evaluation.judge, lay.data["reward"]

@@ -42,9 +42,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows import distributed, report
+from evaluation import report
+from evaluation.judges import judge_fingerprint
+from flows import distributed
 from flows import tasks as T
-from flows.judging import judge_fingerprint
 from spi.config import Recipe, digest_of, load_recipe
 
 VALUE_SYSTEMS_PREFIX = "spi-"
@@ -437,7 +438,7 @@ def spi_experiment(
     (e.g. {"search": {"width": 2}}); workdir: root for files, MLflow and the store (default
     execution.workdir); allow_reward_judge: permit judging with the training reward model.
     """
-    from flows.judging import check_independent, check_judge_available
+    from evaluation.judges import check_independent, check_judge_available
     from mlflow_store import tracking
 
     log = get_run_logger()
@@ -697,7 +698,7 @@ def run_plain(recipe: str, overrides: dict | None = None, workdir: str | None = 
               allow_reward_judge: bool = False) -> dict:
     """The experiment's work (iterations, decoding, judging, report) as plain calls of the same stage
     functions: no Prefect engine, no MLflow, no store. ``spi bench flow`` measures the flow against it."""
-    from flows.judging import check_independent, check_judge_available
+    from evaluation.judges import check_independent, check_judge_available
 
     r = _load(recipe, overrides)
     ctx = Context(r, workdir, recipe, overrides, orchestrated=False)
@@ -826,7 +827,7 @@ def fit_local_judge(
     SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
     import shutil
 
-    from flows.judging import ensure_local_judge, local_judge_folder
+    from evaluation.judging import ensure_local_judge, local_judge_folder
 
     folder = Path(out) if out else local_judge_folder(name)
     if refit and folder.exists():

@@ -266,8 +266,8 @@ def judge_task(
     allow_reward_judge: bool = False,
 ) -> dict:
     """AlpacaEval-style scoring of one system's outputs against the references with ``judge``."""
-    from evaluation.judges import JudgementCache
-    from flows.judging import check_independent, judge_payload, judge_rows, resolve_judge
+    from evaluation.judges import check_independent, resolve_judge
+    from evaluation.judging import JudgementCache, judge_payload, judge_rows
 
     out, t0 = Path(out), time.perf_counter()
     computed = not out.exists()

