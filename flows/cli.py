@@ -3,7 +3,7 @@
     spi run RECIPE            the experiment flow (flows.commands)
     spi eval ...              AlpacaEval scoring, judges (evaluation.cli)
     spi bench ...             decoding, fitting and orchestration benchmarks (flows.bench)
-    spi up | down | status    the local services (flows.services)
+    spi up | down | status    the local services (flows.stack.commands)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 
 # Each module exposes add_commands(subparsers); a missing module just means its commands are absent.
-COMMAND_MODULES = ("flows.commands", "evaluation.cli", "flows.bench", "flows.services")
+COMMAND_MODULES = ("flows.commands", "evaluation.cli", "flows.bench", "flows.stack.commands")
 
 OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

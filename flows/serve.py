@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 
-from flows.services import SERVICE_ENV
+from flows.stack.plan import SERVICE_ENV
 
 for _key, _value in SERVICE_ENV.items():  # before prefect is imported: it reads settings at import
     os.environ.setdefault(_key, _value)

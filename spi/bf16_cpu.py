@@ -7,7 +7,8 @@ accumulates in float32 as the native bfloat16 kernels do; only the result is rou
 weights stay in bfloat16: each layer's float32 copy lives for one product only.
 
 ``SPI_BF16_MATMUL``: ``auto`` (default: float32 GEMM where the CPU lacks bfloat16 instructions),
-``float32`` (always), ``native`` (PyTorch's bfloat16 kernel).
+``float32`` (always), ``native`` (PyTorch's bfloat16 kernel). The two kernels are compared by
+``python -m spi.bench.bf16``.
 """
 
 from __future__ import annotations
@@ -56,48 +57,3 @@ def adapt(model: nn.Module, chosen: str | None = None) -> int:
             module.__class__ = Float32GemmLinear if use_float32 else nn.Linear
             routed += use_float32
     return routed
-
-
-def compare(model: str, rows: int, tokens: int, repeats: int) -> dict:
-    """Seconds of one bfloat16 forward of ``rows`` x ``tokens`` tokens with PyTorch's kernel and with
-    float32 GEMMs, measured alternately in this process (medians), with the largest logit difference."""
-    import statistics
-    import time
-
-    from spi.models import load_causal_lm
-
-    models = {name: load_causal_lm(model, "bfloat16") for name in ("native", "float32")}
-    for name, m in models.items():
-        adapt(m, name)
-    ids = torch.randint(100, 1000, (rows, tokens), generator=torch.Generator().manual_seed(0))
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    logits = {}
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round is a burn-in
-            for name, m in models.items():
-                start = time.perf_counter()
-                logits[name] = m(input_ids=ids).logits.float()
-                seconds[name].append(time.perf_counter() - start)
-    out = {name: statistics.median(s[1:]) for name, s in seconds.items()}
-    out["speedup"] = out["native"] / out["float32"]
-    out["max_logit_difference"] = float((logits["native"] - logits["float32"]).abs().max())
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="bfloat16 forward: PyTorch's kernel vs float32 GEMMs")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    a = parser.parse_args()
-    torch.set_num_threads(a.threads)
-    r = compare(a.model, a.rows, a.tokens, a.repeats)
-    print(f"{a.model}, {a.rows} x {a.tokens} tokens, {a.threads} threads, CPU bfloat16 instructions: "
-          f"{cpu_has_bf16_instructions()}")
-    print(f"  native bfloat16 kernel  {r['native'] * 1e3:9.1f} ms")
-    print(f"  float32 GEMMs           {r['float32'] * 1e3:9.1f} ms  ({r['speedup']:.2f}x faster)")
-    print(f"  largest logit difference {r['max_logit_difference']:.4f}")

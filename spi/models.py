@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from spi import bf16_cpu
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -182,8 +184,6 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 def _ready(model, device: str):
     """On ``device``, in eval mode, bfloat16 products fast on CPUs without bfloat16 instructions."""
-    from spi import bf16_cpu
-
     model = model.to(device).eval()
     bf16_cpu.adapt(model)
     return model

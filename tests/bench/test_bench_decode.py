@@ -57,7 +57,7 @@ def test_peak_rss_in_a_fresh_process():
 
 
 def test_spi_bench_imports_neither_prefect_nor_mlflow():
-    code = ("import sys, spi.bench.decode, spi.bench.fit; "
+    code = ("import sys, spi.bench.decode, spi.bench.fit, spi.bench.bf16; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow', 'flows')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

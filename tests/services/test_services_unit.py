@@ -1,4 +1,4 @@
-"""flows.services without servers: what `spi up` would start, with which environment, and how it stops."""
+"""flows.stack without servers: what `spi up` would start, with which environment, and how it stops."""
 
 from __future__ import annotations
 
@@ -11,27 +11,28 @@ import time
 import psutil
 import pytest
 
-from flows import services as S
+from flows.stack import commands, process
+from flows.stack import plan as P
 
 
 def _cfg(tmp_path, **kw):
-    return S.StackConfig(home=tmp_path, **kw)
+    return P.StackConfig(home=tmp_path, **kw)
 
 
 def test_every_service_binds_loopback_only(tmp_path):
-    for service in S.plan(_cfg(tmp_path, prefect_port=14200, mlflow_port=15000, serve_port=14201)):
+    for service in P.plan(_cfg(tmp_path, prefect_port=14200, mlflow_port=15000, serve_port=14201)):
         joined = " ".join(service.argv) + " " + " ".join(service.env.values())
         assert "0.0.0.0" not in joined, service.name
         assert service.url.startswith("http://127.0.0.1:"), service.name
         assert service.health_url.startswith("http://127.0.0.1:"), service.name
         if "--host" in service.argv:
             assert service.argv[service.argv.index("--host") + 1] == "127.0.0.1"
-    names = [s.name for s in S.plan(_cfg(tmp_path))]
-    assert tuple(names) == S.SERVICES
+    names = [s.name for s in P.plan(_cfg(tmp_path))]
+    assert tuple(names) == P.SERVICES
 
 
 def test_ports_and_urls_follow_the_config(tmp_path):
-    prefect, mlflow, serve = S.plan(_cfg(tmp_path, prefect_port=14200, mlflow_port=15000, serve_port=14201))
+    prefect, mlflow, serve = P.plan(_cfg(tmp_path, prefect_port=14200, mlflow_port=15000, serve_port=14201))
     assert prefect.argv[prefect.argv.index("--port") + 1] == "14200"
     assert prefect.env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:14200/api"
     assert prefect.health_url == "http://127.0.0.1:14200/api/health"
@@ -44,11 +45,11 @@ def test_ports_and_urls_follow_the_config(tmp_path):
 
 
 def test_mlflow_tracking_and_registry_share_the_named_database(tmp_path):
-    _, mlflow, _ = S.plan(_cfg(tmp_path))
+    _, mlflow, _ = P.plan(_cfg(tmp_path))
     backend = mlflow.argv[mlflow.argv.index("--backend-store-uri") + 1]
     assert backend == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert mlflow.argv[mlflow.argv.index("--registry-store-uri") + 1] == backend
-    _, mlflow, _ = S.plan(_cfg(tmp_path, db="postgresql://u:p@127.0.0.1:5432/ml"))
+    _, mlflow, _ = P.plan(_cfg(tmp_path, db="postgresql://u:p@127.0.0.1:5432/ml"))
     assert (
         mlflow.argv[mlflow.argv.index("--backend-store-uri") + 1]
         == "postgresql+psycopg://u:p@127.0.0.1:5432/ml"
@@ -60,34 +61,34 @@ def test_mlflow_tracking_and_registry_share_the_named_database(tmp_path):
 
 
 def test_without_deployments_module_the_servers_start_alone(tmp_path):
-    services, note = S.services_to_start(_cfg(tmp_path, deployments_module="flows.no_such_deployments"))
+    services, note = P.services_to_start(_cfg(tmp_path, deployments_module="flows.no_such_deployments"))
     assert [s.name for s in services] == ["prefect-server", "mlflow-server"]
     assert "flows.no_such_deployments does not exist yet" in note
-    services, note = S.services_to_start(_cfg(tmp_path, deployments_module="standin_deployments"))
-    assert [s.name for s in services] == list(S.SERVICES) and note is None
+    services, note = P.services_to_start(_cfg(tmp_path, deployments_module="standin_deployments"))
+    assert [s.name for s in services] == list(P.SERVICES) and note is None
 
 
 def test_database_urls(tmp_path):
-    assert S.prefect_db_url(None, tmp_path) == f"sqlite+aiosqlite:///{tmp_path / 'prefect' / 'prefect.db'}"
-    assert S.prefect_db_url("postgresql://u@h/p", tmp_path) == "postgresql+asyncpg://u@h/p"
-    assert S.prefect_db_url("sqlite:////x/p.db", tmp_path) == "sqlite+aiosqlite:////x/p.db"
-    with pytest.raises(S.ServiceError, match="not a database URL"):
-        S.mlflow_db_url("mlflow.db", tmp_path)
-    with pytest.raises(S.ServiceError, match="not a SQLite or PostgreSQL URL"):
-        S.prefect_db_url("mysql://x/y", tmp_path)
+    assert P.prefect_db_url(None, tmp_path) == f"sqlite+aiosqlite:///{tmp_path / 'prefect' / 'prefect.db'}"
+    assert P.prefect_db_url("postgresql://u@h/p", tmp_path) == "postgresql+asyncpg://u@h/p"
+    assert P.prefect_db_url("sqlite:////x/p.db", tmp_path) == "sqlite+aiosqlite:////x/p.db"
+    with pytest.raises(P.ServiceError, match="not a database URL"):
+        P.mlflow_db_url("mlflow.db", tmp_path)
+    with pytest.raises(P.ServiceError, match="not a SQLite or PostgreSQL URL"):
+        P.prefect_db_url("mysql://x/y", tmp_path)
 
 
 def test_offline_settings_are_defaults_the_user_can_override(tmp_path):
-    serve = S.plan(_cfg(tmp_path))[2]
-    env = S.service_environment(
+    serve = P.plan(_cfg(tmp_path))[2]
+    env = P.service_environment(
         serve, base={"HF_HUB_OFFLINE": "0", "PREFECT_API_URL": "http://elsewhere/api"}
     )
     assert env["HF_HUB_OFFLINE"] == "0"  # the user's setting wins
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"  # the service's own setting wins
-    for key in set(S.SERVICE_ENV) - {"HF_HUB_OFFLINE"}:
-        assert env[key] == S.SERVICE_ENV[key]
+    for key in set(P.SERVICE_ENV) - {"HF_HUB_OFFLINE"}:
+        assert env[key] == P.SERVICE_ENV[key]
     assert env["NO_PROXY"] == "127.0.0.1,localhost"  # loopback never goes through a proxy
-    env = S.service_environment(serve, base={"no_proxy": "corp.example"})
+    env = P.service_environment(serve, base={"no_proxy": "corp.example"})
     assert env["no_proxy"] == "corp.example,127.0.0.1,localhost"
     for key in (
         "PREFECT_SERVER_ANALYTICS_ENABLED",
@@ -96,7 +97,7 @@ def test_offline_settings_are_defaults_the_user_can_override(tmp_path):
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
         "HF_HUB_OFFLINE",
     ):
-        assert key in S.SERVICE_ENV
+        assert key in P.SERVICE_ENV
 
 
 def test_stop_never_signals_a_reused_pid():
@@ -105,13 +106,13 @@ def test_stop_never_signals_a_reused_pid():
     try:
         real = psutil.Process(proc.pid).create_time()
         stale = {"name": "x", "pid": proc.pid, "pgid": proc.pid, "create_time": real - 1000}
-        assert not S.is_alive(stale)
-        assert S.stop(stale, timeout=1) == "not running"
+        assert not process.is_alive(stale)
+        assert process.stop(stale, timeout=1) == "not running"
         time.sleep(0.2)
         assert proc.poll() is None  # untouched
         record = {**stale, "create_time": real}
-        assert S.is_alive(record)
-        assert S.stop(record, timeout=10) == "stopped"
+        assert process.is_alive(record)
+        assert process.stop(record, timeout=10) == "stopped"
         assert proc.wait(timeout=5) is not None
     finally:
         if proc.poll() is None:
@@ -139,7 +140,7 @@ def test_stop_reaches_descendants_in_other_sessions():
             "pgid": parent.pid,
             "create_time": psutil.Process(parent.pid).create_time(),
         }
-        S.stop(record, timeout=10)
+        process.stop(record, timeout=10)
         parent.wait(timeout=5)
         child.wait(timeout=5)
         assert not psutil.pid_exists(child_pid) or child.status() == psutil.STATUS_ZOMBIE
@@ -158,10 +159,10 @@ def test_port_taken_is_a_clear_error(tmp_path, capsys):
         sock.listen()
         taken = sock.getsockname()[1]
         parser = argparse.ArgumentParser()
-        S.add_commands(parser.add_subparsers(dest="command"))
+        commands.add_commands(parser.add_subparsers(dest="command"))
         argv = ["up", "--home", str(tmp_path), "--mlflow-port", str(taken)]
         argv += ["--prefect-port", str(_free()), "--serve-port", str(_free())]
-        assert S.cmd_up(parser.parse_args(argv)) == 1
+        assert commands.cmd_up(parser.parse_args(argv)) == 1
     err = capsys.readouterr().err
     assert f"port {taken} on 127.0.0.1 (for mlflow-server) is taken" in err
     assert "--mlflow-port" in err
@@ -170,10 +171,10 @@ def test_port_taken_is_a_clear_error(tmp_path, capsys):
 
 def test_down_and_status_with_nothing_started(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    S.add_commands(parser.add_subparsers(dest="command"))
-    assert S.cmd_status(parser.parse_args(["status", "--home", str(tmp_path)])) == 0
+    commands.add_commands(parser.add_subparsers(dest="command"))
+    assert commands.cmd_status(parser.parse_args(["status", "--home", str(tmp_path)])) == 0
     assert "nothing started" in capsys.readouterr().out
-    assert S.cmd_down(parser.parse_args(["down", "--home", str(tmp_path)])) == 0
+    assert commands.cmd_down(parser.parse_args(["down", "--home", str(tmp_path)])) == 0
     assert "nothing to stop" in capsys.readouterr().out
 
 
@@ -183,7 +184,7 @@ def test_spi_cli_mounts_up_down_status():
     parser = build_parser()
     for command in ("up", "down", "status"):
         args = parser.parse_args([command, "--home", "/tmp/x"])
-        assert args.func.__module__ == "flows.services"
+        assert args.func.__module__ == "flows.stack.commands"
 
 
 def _free() -> int:

@@ -47,3 +47,14 @@ def test_a_bad_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv("SPI_BF16_MATMUL", "fast")
     with pytest.raises(ValueError, match="SPI_BF16_MATMUL"):
         load_causal_lm("tiny-llama", "bfloat16")
+
+
+def test_kernel_comparison_times_both_arms_on_the_same_input():
+    """spi.bench.bf16 (the benchmark moved out of spi.bf16_cpu): both arms timed, their ratio reported, and
+    their logits differ by bfloat16 rounding only."""
+    from spi.bench.bf16 import compare
+
+    result = compare("tiny-llama", rows=2, tokens=5, repeats=1)
+    assert result["native"] > 0 and result["float32"] > 0
+    assert result["speedup"] == pytest.approx(result["native"] / result["float32"])
+    assert 0 <= result["max_logit_difference"] < 0.5

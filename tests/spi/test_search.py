@@ -83,14 +83,50 @@ def test_batch_composition_does_not_change_results(smollm2, instructions):
         assert alone.results[0].chosen == together.results[i].chosen
 
 
+class _TokenSumGuide(Guide):
+    """V(row) = sum of (token id mod 101) over the response so far: a known function of the tokens. It
+    records every boundary's rows and scores and the selection that followed."""
+
+    needs_last_logprob = False
+
+    def __init__(self):
+        self.boundaries = []  # [rows' responses, scores, index of the rows kept]
+
+    def score(self, boundary):
+        rows = [tuple(r) for r in boundary.responses]
+        scores = torch.tensor([float(sum(t % 101 for t in r)) for r in rows])
+        self.boundaries.append([rows, scores, None])
+        return scores
+
+    def reorder(self, index):
+        super().reorder(index)
+        self.boundaries[-1][2] = index.tolist()
+
+
 def test_guided_search_selects_by_value(tiny, instructions):
-    """With a value that prefers long responses, CBS keeps beams that are longer than plain sampling's."""
-    settings = replace(SETTINGS, width=1, successors=4, chunk_length=2, max_new_tokens=10, top_p=1.0)
-    guide = _random_head_guide(tiny, seed=3)
+    """At every boundary the W kept rows of a prompt are its highest-valued distinct rows, each tiled K
+    times; the next chunk continues exactly those rows, and the answer is the highest-valued leaf."""
+    settings = replace(SETTINGS, width=2, successors=3, chunk_length=2, max_new_tokens=10, top_p=1.0)
+    guide = _TokenSumGuide()
     result = search(tiny, instructions[:4], [7, 8, 9, 10], settings, guide=guide, progress=False)
-    assert all(r.boundaries > 0 for r in result.results)
-    assert sum(r.beam_changes for r in result.results) > 0
-    assert result.compute.value_calls > 0 and result.compute.generated_tokens > 0
+    rows, width, k = settings.rows, settings.width, settings.successors
+    # selection after tokens 2, 4, 6 and 8, then the leaves' final scores
+    assert [b[2] is not None for b in guide.boundaries] == [True, True, True, True, False]
+    for (responses, scores, index), (after, _, _) in zip(guide.boundaries, guide.boundaries[1:], strict=False):
+        for p in range(4):
+            group = range(p * rows, (p + 1) * rows)
+            kept = index[p * rows:(p + 1) * rows:k]
+            assert len(kept) == width and len(set(kept)) == width
+            assert index[p * rows:(p + 1) * rows] == [row for row in kept for _ in range(k)]
+            assert scores[kept[0]] == max(scores[i] for i in group)
+            others = [i for i in group if responses[i] != responses[kept[0]]]
+            assert scores[kept[1]] == max(scores[i] for i in others)
+            for j, row in enumerate(index[p * rows:(p + 1) * rows]):  # the next chunk extends the kept rows
+                assert after[p * rows + j][:len(responses[row])] == responses[row]
+    assert sum(r.beam_changes for r in result.results) > 0  # the value overruled the first-sampled row
+    for r in result.results:
+        assert r.leaf_values == [float(sum(t % 101 for t in ids)) for ids in r.response_ids]
+        assert r.chosen == max(range(rows), key=lambda i: (r.leaf_values[i], -i))
 
 
 class _EndedFirstGuide(Guide):
