@@ -3,6 +3,7 @@ and results that do not depend on the batch (float32)."""
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from spi.guides import HeadValueGuide, WeightedGuide
@@ -52,9 +53,11 @@ def test_cbs_with_constant_value_follows_plain_sampling(tiny):
 
 
 def test_one_prompt_alone_equals_same_prompt_in_batch_of_eight(tiny):
-    """Batch-composition independence, bit for bit in float32: tokens and guide values of a prompt decoded
-    alone equal those of the same prompt in a batch of eight (prompts of different lengths, so different
-    padding; 1, 2 and 4 rows, so row counts off MKL's 4-row blocks)."""
+    """Batch-composition independence in float32: the tokens of a prompt decoded alone equal those of the
+    same prompt in a batch of eight (prompts of different lengths, so different padding; 1, 2 and 4 rows,
+    so row counts off MKL's 4-row blocks), and its guide values agree to float32 rounding. Values are not
+    bit-identical on every CPU: on AVX-512 Xeons the GEMM kernel depends on the row count (seen here:
+    3.6530743 vs 3.6530774), while on the AVX2 EPYCs the project was first measured on they were."""
     for width, successors in [(1, 1), (1, 2), (2, 2)]:
         settings = replace(BASE, width=width, successors=successors, chunk_length=4)
         together = search(tiny, INSTRUCTIONS, SEEDS, settings, guide=_head(tiny, 0), progress=False).results
@@ -62,7 +65,7 @@ def test_one_prompt_alone_equals_same_prompt_in_batch_of_eight(tiny):
             alone = search(tiny, INSTRUCTIONS[i:i + 1], SEEDS[i:i + 1], replace(settings, batch_prompts=1),
                            guide=_head(tiny, 0), progress=False).results[0]
             assert alone.response_ids == together[i].response_ids, (width, successors, i)
-            assert alone.leaf_values == together[i].leaf_values, (width, successors, i)
+            assert alone.leaf_values == pytest.approx(together[i].leaf_values, rel=1e-5, abs=1e-5), (width, successors, i)
             assert alone.chosen == together[i].chosen
 
 
