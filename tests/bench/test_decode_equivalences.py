@@ -65,7 +65,7 @@ def test_one_prompt_alone_equals_same_prompt_in_batch_of_eight(tiny):
             alone = search(tiny, INSTRUCTIONS[i:i + 1], SEEDS[i:i + 1], replace(settings, batch_prompts=1),
                            guide=_head(tiny, 0), progress=False).results[0]
             assert alone.response_ids == together[i].response_ids, (width, successors, i)
-            assert alone.leaf_values == pytest.approx(together[i].leaf_values, rel=1e-5, abs=1e-5), (width, successors, i)
+            assert alone.leaf_values == pytest.approx(together[i].leaf_values, rel=1e-4, abs=1e-4), (width, successors, i)
             assert alone.chosen == together[i].chosen
 
 
