@@ -304,13 +304,11 @@ def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp
     champion = get_version(uri, NAME, "champion")
     result = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), alias="champion")
     assert result["version"] == str(champion.version)
-    # the champion decodes exactly the promoted system (spi-k with all of V_1..V_k), as in the experiment
-    # (an earlier test may have promoted a re-registered copy of it: the system is read from the folder)
-    system = result["guided_system"]
-    assert system in ("spi-1", "spi-2")
-    for key in ("win_rate", "mean_reward", "policy_tokens"):
-        assert result[key] == pytest.approx(summary["systems"][system][key]), key
-    # version 2 is spi-2 guided by V_1/beta_1 + V_2/beta_2, the experiment's spi-2, not V_2 alone as spi-1
+    # the champion decodes the system it was registered as (earlier tests may have promoted a version of
+    # another run of the same registered model: the system is read from the folder)
+    assert result["guided_system"] in ("spi-1", "spi-2")
+    # version 2, this experiment's spi-2, decodes exactly its spi-2: V_1/beta_1 + V_2/beta_2 (the same
+    # decode, found by its key), not V_2 alone as spi-1
     result2 = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), alias="2")
     assert result2["guided_system"] == "spi-2"
     for key in ("mean_reward", "policy_tokens", "win_rate"):
