@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,7 +28,15 @@ from spi.config import Recipe, digest_of
 from spi.models import CausalLM
 from spi.prompts import chat_prompt_ids, load_instructions
 from spi.reward import load_reward
-from spi.stagefiles import is_done, mark_done, output_digest, read_jsonl, write_atomic, write_jsonl
+from spi.stagefiles import (
+    is_done,
+    mark_done,
+    output_digest,
+    read_jsonl,
+    write_atomic,
+    write_folder,
+    write_jsonl,
+)
 from spi.stages import WHOLE, stage_key
 from spi.systems import load_extra_models, system_plan
 from spi.value import ValueExample, fit_value, load_value_model, new_value_model
@@ -175,11 +181,7 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
               cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,
               solver=cfg.solver)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_folder(out, model.save)
     mark_done(out, key)
     return out
 

@@ -2,6 +2,7 @@
 
     write_atomic / write_json / write_jsonl   a temporary file renamed over the target: a killed run
                                               never leaves a half file
+    write_folder                              the same for a folder built by a function
     is_done / mark_done                       the done-marker: a ``<name>.key`` sidecar holding the
                                               stage key the output was computed for
     read_jsonl                                JSON lines, a corrupt line named by file and line number
@@ -37,6 +38,20 @@ def write_json(path: str | os.PathLike, data, indent: int | None = 1) -> Path:
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
     return write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_folder(out: str | os.PathLike, build) -> Path:
+    """``build(folder)`` fills a temporary folder, which then replaces ``out`` (never half a folder)."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def _sidecar(out: str | os.PathLike) -> Path:

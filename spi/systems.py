@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from spi.stagefiles import write_folder
+
 EXTRA_MODELS = ("reward", "weak-to-strong")
 
 
@@ -203,20 +205,17 @@ def write_guided_policy(out: Path, system: str, recipe, value_dirs: list) -> Pat
     weights = value_weights(system, recipe)
     if len(value_dirs) < len(weights):
         raise ValueError(f"{system} needs {len(weights)} value models, got {len(value_dirs)}")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     betas = recipe.iterations.betas
-    values = []
-    for i, (folder, weight) in enumerate(zip(value_dirs, weights, strict=False), 1):
-        shutil.copytree(folder, tmp / f"V{i}")
-        values.append({"folder": f"V{i}", "weight": weight, "beta": betas[i - 1] if system.startswith("spi-") else None})
+    values = [{"folder": f"V{i}", "weight": weight, "beta": betas[i - 1] if system.startswith("spi-") else None}
+              for i, weight in enumerate(weights, 1)]
     meta = {"system": system, "base_model": recipe.policy.model, "dtype": recipe.policy.dtype, "values": values}
-    (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def build(folder: Path) -> None:
+        for value, source in zip(values, value_dirs, strict=False):
+            shutil.copytree(source, folder / value["folder"])
+        (folder / "policy.json").write_text(json.dumps(meta, indent=1))
+
+    return write_folder(out, build)
 
 
 def read_guided_policy(folder: Path) -> tuple[str, list[Path], dict]:
