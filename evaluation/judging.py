@@ -3,7 +3,7 @@ local judge's folder (trained on first use).
 
 Which judges exist, how a spec is parsed and checked, and what identifies a judge's answers is the
 registry's business (evaluation/judges.py); this module scores with a judge it is given. No Prefect
-here: flows/tasks.py and flows/distributed.py wrap these functions in tasks.
+here: flows/tasks.py and flows/sharded.py wrap these functions in tasks.
 """
 
 from __future__ import annotations

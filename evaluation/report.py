@@ -24,9 +24,9 @@ from evaluation.metrics import paired_comparison
 
 def training_iterations(system: str, iteration: int | None) -> int:
     """How many SPI iterations' rollouts a system's value models were fitted on."""
-    if iteration is not None:
-        return iteration
-    return 1 if system == "blockwise-cd" else 0
+    from spi.systems import value_count
+
+    return iteration if iteration is not None else value_count(system)
 
 
 def cost_fields(row: dict, decoded: dict, iterations: list[dict], n_instructions: int) -> dict:

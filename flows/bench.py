@@ -1,7 +1,8 @@
-"""`spi bench decode | fit | flow`: decoding, value-fitting and orchestration benchmarks.
+"""`spi bench decode | fit | flow | shards`: decoding, value-fitting, orchestration and sharding benchmarks.
 
 The decode and fit benchmarks live in spi.bench (plain library code); this module parses arguments,
-prints the table and writes the JSON. `bench flow` needs Prefect and MLflow, so it lives here.
+prints the table and writes the JSON. `bench flow` needs Prefect and MLflow and `bench shards` a Dask
+cluster, so they live here.
 """
 
 from __future__ import annotations
@@ -184,6 +185,84 @@ def cmd_flow(args) -> int:
     return 0
 
 
+def run_shard_bench(recipe: str = "tests/flows/tiny.yaml", prompts: int = 16, workers: tuple[int, ...] = (1, 2),
+                    shard_prompts: int = 2, max_new_tokens: int = 32, workdir: str | None = None) -> list[dict]:
+    """Sharded iteration-1 rollouts (pi_0 sampling, W*K leaves per prompt) on a LocalCluster of each
+    size in ``workers``, the same work each time, fresh files; throughput excludes cluster start-up
+    and a warm-up shard per worker that loads the models. Returns one row per cluster size."""
+    import tempfile
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from flows.sharded import local_cluster_kwargs, with_runner
+    from spi.config import load_recipe
+    from spi.stagefiles import read_jsonl
+
+    rows, root = [], Path(workdir or tempfile.mkdtemp(prefix="spi-bench-"))
+    execution = {"task_runner": "dask", "shard_prompts": shard_prompts, "threads": 1}
+    base = {"iterations": {"prompts_per_iteration": prompts}, "sampling": {"max_new_tokens": max_new_tokens}}
+    for n in workers:
+        t_start = time.perf_counter()
+        with LocalCluster(**local_cluster_kwargs(n)) as cluster, Client(cluster) as client:
+            startup = time.perf_counter() - t_start
+            at = {**execution, "dask_address": cluster.scheduler_address}
+            warm = load_recipe(recipe, {**base, "iterations": {"prompts_per_iteration": n}, "execution": {**at, "shard_prompts": 1}})
+            client.run(_warm, warm)  # every worker loads the policy once (not part of the measured work)
+            r = load_recipe(recipe, {**base, "execution": at})
+            t0 = time.perf_counter()
+            out = with_runner(_sharded_rollouts_flow(), r)(r, str(root / f"workers-{n}"))
+            seconds = time.perf_counter() - t0
+        rollouts = read_jsonl(out["path"])
+        tokens = sum(len(leaf["response_ids"]) for row in rollouts for leaf in row["leaves"])
+        rows.append({"workers": n, "prompts": len(rollouts), "leaves": sum(len(x["leaves"]) for x in rollouts),
+                     "tokens": tokens, "seconds": seconds, "startup_seconds": startup,
+                     "prompts_per_s": len(rollouts) / seconds, "tokens_per_s": tokens / seconds, "digest": out["digest"]})
+    return rows
+
+
+def _warm(recipe) -> None:
+    from spi import pipeline
+
+    pipeline.load_policy(recipe)
+
+
+def _sharded_rollouts_flow():
+    """A flow of the sharded rollouts of iteration 1 alone (made on demand: `spi` does not import Prefect
+    for its other commands)."""
+    from prefect import flow
+
+    from flows import sharded
+    from flows.context import RunContext
+
+    @flow(name="spi-bench-sharded-rollouts", persist_result=False)
+    def sharded_rollouts(recipe, workdir: str) -> dict:
+        """Only the sharded rollouts of iteration 1 (the benchmark's work)."""
+        return sharded.rollouts(RunContext(recipe, workdir), 1, [])
+
+    return sharded_rollouts
+
+
+def format_shard_table(rows: list[dict]) -> str:
+    lines = [f"{'workers':>8}{'prompts':>9}{'tokens':>9}{'seconds':>10}{'prompts/s':>11}{'tokens/s':>10}{'speed-up':>10}"
+             f"{'start-up s':>12}"]
+    for row in rows:
+        lines.append(f"{row['workers']:>8}{row['prompts']:>9}{row['tokens']:>9}{row['seconds']:>10.2f}"
+                     f"{row['prompts_per_s']:>11.2f}{row['tokens_per_s']:>10.1f}"
+                     f"{rows[0]['seconds'] / row['seconds']:>9.2f}x{row['startup_seconds']:>12.1f}")
+    same = len({row["digest"] for row in rows}) == 1
+    lines.append(f"merged rollouts identical across cluster sizes: {'yes' if same else 'NO'}")
+    return "\n".join(lines)
+
+
+def cmd_shards(args) -> int:
+    rows = run_shard_bench(args.recipe, args.prompts, tuple(args.workers), args.shard_prompts, args.max_new_tokens,
+                           args.workdir)
+    print(format_shard_table(rows))
+    _write({"rows": rows}, args.out)
+    return 0
+
+
 def _overrides(items):
     if not items:
         return {}
@@ -244,6 +323,16 @@ def add_commands(subparsers) -> None:
     w.add_argument("--burn-in", type=int, default=1, help="untimed plain runs first (one-time costs)")
     w.add_argument("--out", default=None)
     w.set_defaults(func=cmd_flow)
+
+    h = sub.add_parser("shards", help="throughput of sharded rollouts with 1 and 2 (or more) local Dask workers")
+    h.add_argument("--recipe", default="tests/flows/tiny.yaml")
+    h.add_argument("--prompts", type=int, default=16)
+    h.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    h.add_argument("--shard-prompts", type=int, default=2)
+    h.add_argument("--max-new-tokens", type=int, default=32)
+    h.add_argument("--workdir", default=None)
+    h.add_argument("--out", default=None)
+    h.set_defaults(func=cmd_shards)
 
 
 def main(argv: list[str] | None = None) -> int:

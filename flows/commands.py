@@ -72,7 +72,7 @@ def add_commands(subparsers) -> None:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from evaluation.data import DataError
     from evaluation.judges import JudgeSpecError
-    from flows.tasks import StageError
+    from flows.context import StageError
     from mlflow_store.registry import RegistryError
     from mlflow_store.store import StoreError
     from mlflow_store.tracking import TrackingURIError
@@ -98,22 +98,20 @@ def _error(err: BaseException) -> int:
 
 
 def cmd_run(args) -> int:
+    from flows.context import load_run_recipe
     from mlflow_store.store import Store
     from mlflow_store.tracking import client_for
-    from spi.config import load_recipe, parse_overrides
+    from spi.config import parse_overrides
 
     errors = _bad_input_errors()
     try:  # fail before anything starts: recipe, tracking URI, store URL
         overrides = parse_overrides(args.overrides)
-        recipe = load_recipe(args.recipe, overrides)
-        from evaluation.judges import check_independent, check_judge_available
-        from flows.experiment import Context
+        recipe = load_run_recipe(args.recipe, overrides)  # the flow reads this same parsed recipe
+        from flows.context import RunContext
+        from flows.experiment import check_judge
 
-        check_judge_available(recipe.evaluation.judge)
-        check_independent(
-            recipe.evaluation.judge, recipe.model_dump(mode="json")["reward"], args.allow_reward_judge
-        )
-        ctx = Context(recipe, args.workdir)
+        ctx = RunContext(recipe, args.workdir)
+        check_judge(ctx, args.allow_reward_judge)
         client_for(ctx.tracking_uri)
         Store(ctx.store_url).close()
     except errors as err:
@@ -204,7 +202,7 @@ def cmd_promote(args) -> int:
         from mlflow_store.registry import get_version
 
         get_version(uri, args.registered_model, "candidate")  # clear error before a flow run starts
-        from flows.experiment import promote_value_model
+        from flows.model_flows import promote_value_model
 
         decision = promote_value_model(
             registered_model=args.registered_model,

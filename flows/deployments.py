@@ -3,7 +3,8 @@
 spi-experiment/spi-experiment          run an experiment (recipe + overrides from the UI form); a recipe
                                        with execution.task_runner: dask runs sharded on its Dask
                                        cluster (docs/distributed.md)
-evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@champion
+evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@champion, the promoted
+                                       guided policy (spi-k with V_1..V_k)
 fit-local-judge/fit-judge              train the local Bradley-Terry judge
 promote-value-model/promote            move champion to candidate when it wins by the margin
 """
@@ -21,7 +22,8 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
     from prefect.schedules import Cron
 
     from evaluation.judges import judge_syntaxes
-    from flows.experiment import evaluate_value_model, fit_local_judge, promote_value_model, spi_experiment
+    from flows.experiment import spi_experiment
+    from flows.model_flows import evaluate_value_model, fit_local_judge, promote_value_model
 
     tags = ["spi"]
     return [
@@ -37,7 +39,7 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
             tags=tags,
             parameters={"recipe": recipe, "workdir": workdir, "alias": "champion"},
             schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
-            description="Nightly: score the champion value model on the recipe's eval set.",
+            description="Nightly: score the champion guided policy (spi-k with all its value models) on the recipe's eval set.",
         ),
         fit_local_judge.to_deployment(
             name="fit-judge", tags=tags, description="Train the local Bradley-Terry judge (minilm-bt)."

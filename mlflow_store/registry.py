@@ -1,6 +1,7 @@
-"""MLflow model registry for value models (and judges): register, promote by alias, load.
+"""MLflow model registry for guided policies, value models (and judges): register, promote by alias, load.
 
-A value model is an opaque folder (``value.json`` + ``head.safetensors`` + ...). It is logged as an
+A registered folder is opaque here: a guided policy (``spi.systems.write_guided_policy``: policy.json,
+the base model's name and every value model with its beta), or a value model folder. It is logged as an
 artifact directory of a child run and registered as a new version of a registered model, with its
 evaluation numbers as version tags and the alias ``candidate``. ``promote`` moves the alias
 ``champion`` to the candidate only when it beats the champion by more than a margin. Registry
@@ -9,7 +10,6 @@ stages are deprecated in MLflow 3; they are mirrored only when asked (``use_stag
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import warnings
@@ -20,6 +20,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from mlflow_store.tracking import client_for, download_artifacts, log_artifacts
+from spi.stagefiles import tree_digest
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -47,21 +48,6 @@ class PromotionDecision:
     reason: str
 
 
-def folder_digest(folder: str | os.PathLike) -> str:
-    """sha256 over the relative paths and bytes of every file in ``folder`` (order-independent)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a folder")
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(file.relative_to(root).as_posix().encode() + b"\0")
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def register_value_model(
     tracking_uri: str,
     name: str,
@@ -78,7 +64,7 @@ def register_value_model(
     reused (its tags updated) instead of creating a duplicate.
     """
     client = client_for(tracking_uri)
-    digest = folder_digest(folder)
+    digest = tree_digest(folder)
     tags = {TAG_FOLDER_DIGEST: digest, TAG_ARTIFACT_PATH: artifact_path}
     tags.update({str(k): repr(float(v)) for k, v in (metrics or {}).items()})
 
@@ -196,8 +182,8 @@ def load_registered_value_model(
 ) -> Path:
     """Download the folder of ``models:/NAME@ALIAS`` (or version) into ``dest`` and return its path.
 
-    The folder's digest is checked against the one recorded at registration. The caller then calls
-    ``spi.value.load_value_model`` on the returned folder.
+    The folder's digest is checked against the one recorded at registration. The caller then reads
+    it (``spi.systems.read_guided_policy``, or ``spi.value.load_value_model`` for a value model folder).
     """
     mv = get_version(tracking_uri, name, alias_or_version)
     artifact_path = mv.tags.get(TAG_ARTIFACT_PATH)
@@ -212,7 +198,7 @@ def load_registered_value_model(
         shutil.rmtree(target)  # stale download: never mix files of two versions
     local = download_artifacts(tracking_uri, mv.run_id, artifact_path, dest)
     expected = mv.tags.get(TAG_FOLDER_DIGEST)
-    if expected and folder_digest(local) != expected:
+    if expected and tree_digest(local) != expected:
         raise RegistryError(
             f"downloaded folder {local} of {name!r} version {mv.version} does not match its "
             f"registered digest {expected}"

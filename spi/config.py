@@ -109,11 +109,9 @@ class PromptsConfig(Section):
     offset: int = Field(0, ge=0, description="first training prompt used")
 
 
-BASELINES = ("base-greedy", "base-sampled", "best-of-n", "blockwise-cd", "weak-to-strong", "args")
-
-
 class BaselineConfig(Section):
-    names: list[Literal[BASELINES]] = Field(default_factory=lambda: ["base-sampled", "best-of-n"])
+    names: list[str] = Field(default_factory=lambda: ["base-sampled", "best-of-n"],
+                             description="baseline systems (spi.systems.baseline_names(): the registered ones)")
     weak_to_strong_tuned: str | None = None
     weak_to_strong_untuned: str | None = None
     args_weight: float = 1.0
@@ -122,6 +120,17 @@ class BaselineConfig(Section):
         False,
         description="also run best-of-n:N_k with N_k matching spi-k's generated tokens, training rollouts included",
     )
+
+    @field_validator("names")
+    @classmethod
+    def _registered(cls, names):
+        from spi.systems import baseline_names
+
+        known = baseline_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown baseline {', '.join(map(repr, unknown))} (registered: {', '.join(known)})")
+        return names
 
 
 class EvaluationConfig(Section):

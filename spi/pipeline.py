@@ -1,4 +1,4 @@
-"""The SPI loop as stages that read and write files, so a later stage or a rerun can pick them up.
+"""The SPI stages as functions that read and write files, so a later stage or a rerun can pick them up.
 
 Stage outputs (all JSON/JSONL, written atomically: a killed run never leaves a half file):
     rollouts.jsonl  one line per prompt: {prompt_index, instruction, prompt_ids,
@@ -7,8 +7,10 @@ Stage outputs (all JSON/JSONL, written atomically: a killed run never leaves a h
     value/          a value model folder (spi.value), with its fit report in value.json
     <system>.json   {system, outputs: [{instruction, output, generator, dataset, reward}],
                     compute: {...}, mean_reward, beam_changes, boundaries}
-Each output has a sidecar ``<name>.key`` holding the digest of everything it was computed from; a
-stage whose output exists with the same key is skipped.
+Each output has a sidecar ``<name>.key`` holding its stage key (``spi.stages``: the table of what each
+key depends on); a stage whose output exists with the same key is skipped. A shard of a stage is the
+same function on some prompt indices with the sharded key. The loop over the stages is the flows'
+(``flows.loop``), run there with plain calls, Prefect tasks or sharded tasks.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,49 +28,43 @@ from spi.config import Recipe, digest_of
 from spi.models import CausalLM
 from spi.prompts import chat_prompt_ids, load_instructions
 from spi.reward import load_reward
-from spi.systems import system_plan
-from spi.value import ValueExample, fit_value, folder_digest, load_value_model, new_value_model
+from spi.stagefiles import (
+    is_done,
+    mark_done,
+    output_digest,
+    read_jsonl,
+    write_atomic,
+    write_folder,
+    write_jsonl,
+)
+from spi.stages import WHOLE, stage_key
+from spi.systems import load_extra_models, system_plan
+from spi.value import ValueExample, fit_value, load_value_model, new_value_model
 
 log = logging.getLogger("spi")
-CODE_VERSION = "spi-pipeline-3"  # bump when a stage's outputs would change for the same inputs
 
 
 def seed_for(*parts) -> int:
     return int(hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:8], 16)
 
 
-def file_digest(path: str | Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return folder_digest(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def rollouts_key(recipe: Recipe, iteration: int, value_dirs, layout: str = WHOLE) -> str:
+    return stage_key("rollouts", recipe, iteration=iteration,
+                     value_models=[output_digest(d) for d in value_dirs], layout=layout)
 
 
-def is_done(out: Path, key: str) -> bool:
-    sidecar = Path(str(out) + ".key")
-    return out.exists() and sidecar.exists() and sidecar.read_text() == key
+def labels_key(recipe: Recipe, rollouts, layout: str = WHOLE) -> str:
+    return stage_key("labels", recipe, rollouts=output_digest(rollouts), layout=layout)
 
 
-def _mark_done(out: Path, key: str) -> None:
-    Path(str(out) + ".key").write_text(key)
+def value_key(recipe: Recipe, iteration: int, rollouts, labels) -> str:
+    return stage_key("value", recipe, iteration=iteration, rollouts=output_digest(rollouts),
+                     labels=output_digest(labels))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: corrupt line ({err.msg}); delete the file to recompute it") from None
-    return rows
+def decode_key(recipe: Recipe, system: str, value_dirs, eval_set_digest: str, layout: str = WHOLE) -> str:
+    return stage_key("decode", recipe, system=system, eval_set=eval_set_digest,
+                     value_models=[output_digest(d) for d in value_dirs], layout=layout)
 
 
 @lru_cache(maxsize=4)
@@ -105,7 +99,7 @@ def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices
     policy = load_policy(recipe)
     instructions = train_instructions(recipe, iteration)
     indices = list(range(len(instructions))) if indices is None else list(indices)
-    system = f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
+    system = rollout_system(iteration)
     settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
     chosen = [instructions[i] for i in indices]
     seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in indices]
@@ -119,26 +113,33 @@ def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices
     return rows, result.compute.as_dict()
 
 
+def rollout_system(iteration: int) -> str:
+    """The system whose search makes iteration k's rollouts: pi_0 sampling W*K leaves, then spi-(k-1)."""
+    return f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
+
+
 def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], out: Path,
-                      progress: bool = True) -> Path:
-    """Iteration 1 samples W*K leaves per prompt from pi_0; later ones run CBS with V_1..V_{k-1}."""
-    key = digest_of([CODE_VERSION, "rollouts", recipe.section_digest("policy", "sampling", "search", "prompts", "iterations", "reward"),
-                     recipe.seed, iteration, [file_digest(d) for d in value_dirs]])
+                      progress: bool = True, key: str | None = None, indices=None) -> Path:
+    """Iteration 1 samples W*K leaves per prompt from pi_0; later ones run CBS with V_1..V_{k-1}.
+    ``indices``: only these prompts of the slice (a shard); ``key``: default the unsharded stage's."""
+    out = Path(out)
+    key = key or rollouts_key(recipe, iteration, value_dirs)
     if is_done(out, key):
         return out
-    rows, compute = rollout_rows(recipe, iteration, value_dirs, progress=progress)
-    _write_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
-    _write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
-    _mark_done(out, key)
+    rows, compute = rollout_rows(recipe, iteration, value_dirs, indices, progress=progress)
+    write_jsonl(out, rows)
+    write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
+    mark_done(out, key)
     return out
 
 
-def label_rollouts(recipe: Recipe, rollouts: Path, out: Path) -> Path:
+def label_rollouts(recipe: Recipe, rollouts: Path, out: Path, key: str | None = None) -> Path:
     """Score every leaf with the reward model; keep the argmax leaf per prompt."""
-    reward = load_reward_model(recipe)
-    key = digest_of([CODE_VERSION, "labels", reward.identity, file_digest(rollouts)])
+    out = Path(out)
+    key = key or labels_key(recipe, rollouts)
     if is_done(out, key):
         return out
+    reward = load_reward_model(recipe)
     records = read_jsonl(rollouts)
     instructions = [r["instruction"] for r in records for _ in r["leaves"]]
     responses = [leaf["response"] for r in records for leaf in r["leaves"]]
@@ -149,8 +150,8 @@ def label_rollouts(recipe: Recipe, rollouts: Path, out: Path) -> Path:
         at += len(r["leaves"])
         best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
         lines.append(json.dumps({"prompt_index": r["prompt_index"], "rewards": rewards, "best": best}))
-    _write_atomic(out, "\n".join(lines) + "\n")
-    _mark_done(out, key)
+    write_atomic(out, "\n".join(lines) + "\n")
+    mark_done(out, key)
     return out
 
 
@@ -166,10 +167,10 @@ def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int) -> li
 
 
 def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path, out: Path,
-                    progress=None) -> Path:
+                    progress=None, key: str | None = None) -> Path:
     """Fit V_k afresh (never from V_{k-1}) by Monte Carlo regression on the labelled rollouts."""
-    key = digest_of([CODE_VERSION, "value", recipe.section_digest("policy", "value"), recipe.seed, iteration,
-                     file_digest(rollouts), file_digest(labels)])
+    out = Path(out)
+    key = key or value_key(recipe, iteration, rollouts, labels)
     if is_done(out, key):
         return out
     policy = load_policy(recipe)
@@ -180,12 +181,8 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
               cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,
               solver=cfg.solver)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    _mark_done(out, key)
+    write_folder(out, model.save)
+    mark_done(out, key)
     return out
 
 
@@ -195,6 +192,7 @@ def decode_rows(recipe: Recipe, system: str, value_dirs: list[Path], instruction
     reward = load_reward_model(recipe)
     policy = load_policy(recipe)
     indices = list(range(len(instructions))) if indices is None else list(indices)
+    w2s_models = w2s_models or load_extra_models(system, recipe)
     settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
     chosen = [instructions[i] for i in indices]
     seeds = [seed_for(recipe.seed, "eval", i) for i in indices]
@@ -258,16 +256,17 @@ def best_of_first(payload: dict, n: int) -> dict:
 
 
 def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructions: list[str], out: Path,
-                  datasets: list[str] | None = None, w2s_models=None, progress: bool = True) -> Path:
-    """Answer ``instructions`` with one system; record outputs (AlpacaEval format), rewards and compute."""
-    reward = load_reward_model(recipe)
-    key = digest_of([CODE_VERSION, "decode", system, recipe.section_digest("policy", "sampling", "search", "baselines", "iterations"),
-                     reward.identity, recipe.seed, instructions, [file_digest(d) for d in value_dirs]])
+                  datasets: list[str] | None = None, w2s_models=None, progress: bool = True,
+                  key: str | None = None) -> Path:
+    """Answer ``instructions`` with one system; record outputs (AlpacaEval format), rewards and compute.
+    ``key``: default the unsharded stage's with the instructions and datasets as the eval set."""
+    out = Path(out)
+    key = key or decode_key(recipe, system, value_dirs, digest_of([instructions, datasets]))
     if is_done(out, key):
         return out
     rows, compute = decode_rows(recipe, system, value_dirs, instructions, None, datasets, w2s_models, progress)
-    _write_atomic(out, json.dumps(decode_payload(system, rows, compute), indent=2))
-    _mark_done(out, key)
+    write_atomic(out, json.dumps(decode_payload(system, rows, compute), indent=2))
+    mark_done(out, key)
     return out
 
 
@@ -275,31 +274,3 @@ def heldout_instructions(recipe: Recipe, count: int) -> list[str]:
     """Training-distribution prompts after every iteration's slice: never seen by any value fit."""
     start = recipe.prompts.offset + recipe.iterations.count * recipe.iterations.prompts_per_iteration
     return load_instructions(recipe.prompts.train, start, count)
-
-
-def run_spi(recipe: Recipe, workdir: Path, instructions: list[str], systems: list[str],
-            progress: bool = True) -> dict:
-    """K iterations of rollout, labelling and value fitting; then every system decodes ``instructions``."""
-    workdir = Path(workdir)
-    value_dirs: list[Path] = []
-    fits = {}
-    for k in range(1, recipe.iterations.count + 1):
-        stage = workdir / f"iteration-{k}"
-        log.info("iteration %d: rollouts", k)
-        rollouts = generate_rollouts(recipe, k, value_dirs, stage / "rollouts.jsonl", progress)
-        log.info("iteration %d: labels", k)
-        labels = label_rollouts(recipe, rollouts, stage / "labels.jsonl")
-        log.info("iteration %d: value fit", k)
-        value_dirs.append(fit_value_stage(recipe, k, rollouts, labels, stage / "value"))
-        fits[k] = json.loads((stage / "value" / "value.json").read_text())["report"]
-    summary = {"recipe": recipe.name, "digest": recipe.digest, "value_fits": fits, "systems": {}}
-    for system in systems:
-        log.info("decoding with %s", system)
-        path = decode_system(recipe, system, value_dirs, instructions, workdir / "eval" / f"{system}.json",
-                             progress=progress)
-        data = json.loads(path.read_text())
-        summary["systems"][system] = {"mean_reward": data["mean_reward"], "compute": data["compute"],
-                                      "iteration": int(system.split("-")[1]) if system.startswith("spi-") else None}
-    return summary
-
-

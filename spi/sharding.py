@@ -10,9 +10,9 @@ Merging is by key (the prompt index): a repeated shard (a retry, a worker that d
 is collapsed when its rows are identical and refused when they conflict; a lost shard is refused with
 the missing prompt indices named. Nothing is silently dropped or doubled.
 
-Shard stages (``rollout_shard``, ``label_shard``, ``decode_shard``) follow ``spi.pipeline``'s
-conventions: atomic writes and a ``.key`` sidecar, so a shard whose output exists with the same key is
-skipped. They call ``spi.search.search`` (through a generation backend) and ``spi.pipeline``'s
+Shard stages (``rollout_shard``, ``label_shard``, ``decode_shard``) are ``spi.pipeline``'s stages on
+some prompt indices (``spi.stagefiles``: atomic writes, a ``.key`` sidecar), so a shard whose output
+exists with the same key is skipped. They call ``spi.search.search`` (through a generation backend) and ``spi.pipeline``'s
 helpers; the module itself imports neither torch nor transformers at import time.
 
 Generation backends: ``transformers`` (the default, ``spi.search.search`` on ``spi.models.CausalLM``)
@@ -26,7 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SHARD_VERSION = "spi-shard-1"  # bump when a shard's outputs would change for the same inputs
+from spi.stagefiles import is_done, mark_done, read_jsonl, write_atomic, write_jsonl
+
 KEY = "prompt_index"
 
 
@@ -59,6 +60,13 @@ def split(n_prompts: int, shard_prompts: int) -> list[Shard]:
         Shard(n, s, min(s + shard_prompts, n_prompts))
         for n, s in enumerate(range(0, n_prompts, shard_prompts))
     ]
+
+
+def shard_key(stage_key: str, shard: Shard) -> str:
+    """A shard's key: its stage's key (sharded layout, ``spi.stages``) and its prompt indices."""
+    from spi.config import digest_of
+
+    return digest_of([stage_key, shard.indices])
 
 
 class MergeError(ValueError):
@@ -137,18 +145,9 @@ def merge_compute(parts: Iterable[dict]) -> dict:
     return total
 
 
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    from spi.pipeline import _write_atomic
-
-    _write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def merge_jsonl(paths: Iterable[Path], expected: int | Iterable[int], out: Path, what: str) -> Path:
     """Merge shard JSONL files by prompt index into ``out`` (atomic); the same format as one file."""
-    from spi.pipeline import read_jsonl
-
-    write_jsonl(out, merge_rows((read_jsonl(p) for p in paths), expected, what))
-    return out
+    return write_jsonl(out, merge_rows((read_jsonl(p) for p in paths), expected, what))
 
 
 # --------------------------------------------------------------------------- shard stages
@@ -161,19 +160,14 @@ def rollout_shard(
     (same seeds, same record format), written to ``out`` with ``out.compute.json`` beside it."""
     from spi import pipeline
 
-    out = Path(out)
-    if pipeline.is_done(out, key):
-        return out
-    rows, compute = pipeline.rollout_rows(recipe, iteration, value_dirs, indices, progress=False)
-    _write_shard(out, key, rows, compute)
-    return out
+    return pipeline.generate_rollouts(recipe, iteration, value_dirs, out, progress=False, key=key, indices=indices)
 
 
-def label_shard(recipe, rollouts: Path, out: Path) -> Path:
+def label_shard(recipe, rollouts: Path, out: Path, key: str) -> Path:
     """``spi.pipeline.label_rollouts`` on one shard's rollouts (rows keep their global prompt_index)."""
     from spi import pipeline
 
-    return pipeline.label_rollouts(recipe, Path(rollouts), Path(out))
+    return pipeline.label_rollouts(recipe, Path(rollouts), Path(out), key=key)
 
 
 def decode_shard(
@@ -185,24 +179,16 @@ def decode_shard(
     out: Path,
     key: str,
     datasets: Sequence | None = None,
-    w2s_models=None,
 ) -> Path:
     """The outputs of ``spi.pipeline.decode_system`` for the instructions ``indices`` (same seeds), one
     JSONL row per prompt with its prompt_index, boundaries and beam changes; compute beside it."""
     from spi import pipeline
 
     out = Path(out)
-    if pipeline.is_done(out, key):
+    if is_done(out, key):
         return out
-    rows, compute = pipeline.decode_rows(recipe, system, value_dirs, instructions, indices, datasets,
-                                         w2s_models, progress=False)
-    _write_shard(out, key, rows, compute)
-    return out
-
-
-def _write_shard(out: Path, key: str, rows: Sequence[dict], compute: dict) -> None:
-    from spi import pipeline
-
+    rows, compute = pipeline.decode_rows(recipe, system, value_dirs, instructions, indices, datasets, progress=False)
     write_jsonl(out, rows)
-    pipeline._write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
-    pipeline._mark_done(out, key)
+    write_atomic(out.with_suffix(".compute.json"), json.dumps(compute, indent=2))
+    mark_done(out, key)
+    return out

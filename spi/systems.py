@@ -1,31 +1,100 @@
-"""The decoding systems compared in an experiment, each a setting of the one search routine.
+"""The decoding systems compared in an experiment: a registry, each system a setting of the one search.
 
     base-greedy    W=1, K=1, temperature 0
     base-sampled   W=1, K=1
     best-of-n      W=1, K=W*K, one chunk, final pick by reward
     best-of-n:N    the same with N rows (Best-of-N at another budget)
-    blockwise-cd   W=1, K=W*K, L, guided by V_1 (controlled decoding with the first value model)
+    blockwise-cd   W=1, K=W*K, L, guided by V_1 with weight 1 (controlled decoding)
     spi-k          W, K, L, guided by sum_{i<=k} V_i / beta_i, final pick by reward
     weak-to-strong W, K, L, guided by log pi_tuned - log pi_untuned of a small pair
     args           W=1, K=top-k candidates, L=1, guided by log pi(token) + w * r(prefix)
+
+A system is declared ONCE with :func:`register`: its name pattern, the value models it reads and their
+weights, the extra models it needs, and its search plan. The recipe's baseline list, the experiment,
+the sharded path and model loading all read this registry; adding a baseline is one ``register`` call
+(in the process that decodes it: Dask workers import this module, not the caller's registrations).
+A guided policy (the system plus its value models, betas and base model) is written as a folder by
+:func:`write_guided_policy`: that folder is what the model registry holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from spi.guides import (
-    CachedValueGuide,
-    HeadValueGuide,
-    ImplicitRewardGuide,
-    RewardGuide,
-    TokenLogProbGuide,
-    WeightedGuide,
-)
-from spi.search import SearchSettings
+from spi.stagefiles import write_folder
+
+EXTRA_MODELS = ("reward", "weak-to-strong")
 
 
-def base_settings(recipe) -> SearchSettings:
+@dataclass(frozen=True)
+class System:
+    """One registered system. ``pattern``: a regular expression matched against the whole name.
+    ``plan(match, recipe, base)`` -> SearchSettings (``base``: the recipe's search settings).
+    ``values(match)`` -> m, the value models V_1..V_m it reads (0: none); ``weight(i, recipe)`` -> the
+    weight of V_{i+1} in its guide (spi-k: 1 / beta_{i+1}).
+    ``needs``: extra models among EXTRA_MODELS. ``guide(recipe, policy, reward_model, w2s_models)``:
+    the guide of a system that is not steered by value models (None: unguided or value-guided).
+    ``baseline``: may be listed in ``baselines.names``. ``fields``: the recipe fields its plan reads
+    beyond ``policy``, ``sampling`` and ``search`` (documentation; spi.stages keys the decode on them)."""
+
+    name: str
+    pattern: str
+    plan: Callable
+    values: Callable = lambda match: 0
+    weight: Callable = lambda i, recipe: 1.0
+    needs: tuple[str, ...] = ()
+    guide: Callable | None = None
+    baseline: bool = True
+    fields: tuple[str, ...] = ()
+
+
+SYSTEMS: dict[str, System] = {}
+
+
+def register(system: System) -> System:
+    unknown = set(system.needs) - set(EXTRA_MODELS)
+    if unknown:
+        raise ValueError(f"system '{system.name}': unknown extra models {sorted(unknown)} (known: {EXTRA_MODELS})")
+    SYSTEMS[system.name] = system
+    return system
+
+
+def lookup(name: str) -> tuple[System, re.Match]:
+    for system in SYSTEMS.values():
+        match = re.fullmatch(system.pattern, name)
+        if match:
+            return system, match
+    raise ValueError(f"unknown system '{name}' (known: {', '.join(SYSTEMS)})")
+
+
+def baseline_names() -> list[str]:
+    return [s.name for s in SYSTEMS.values() if s.baseline]
+
+
+def value_weights(name: str, recipe) -> list[float]:
+    """Weights of V_1..V_m in the system's guide: the value models it needs are the first m."""
+    system, match = lookup(name)
+    return [system.weight(i, recipe) for i in range(system.values(match))]
+
+
+def value_count(name: str) -> int:
+    """How many value models (V_1..V_m) the system reads; it does not depend on the recipe's betas."""
+    system, match = lookup(name)
+    return system.values(match)
+
+
+def needs(name: str) -> tuple[str, ...]:
+    return lookup(name)[0].needs
+
+
+def base_settings(recipe):
+    from spi.search import SearchSettings
+
     s, p = recipe.search, recipe.sampling
     return SearchSettings(
         width=s.width, successors=s.successors, chunk_length=s.chunk_length, temperature=p.temperature,
@@ -34,50 +103,49 @@ def base_settings(recipe) -> SearchSettings:
     )
 
 
-def value_guide(value_models, betas, policy) -> WeightedGuide:
-    """sum_i V_i / beta_i, each V_i read from the policy's hidden state or its own cached backbone."""
+def value_guide(value_models, weights, policy):
+    """sum_i w_i V_i, each V_i read from the policy's hidden state or its own cached backbone."""
+    from spi.guides import CachedValueGuide, HeadValueGuide, WeightedGuide
+
     parts = []
-    for model, beta in zip(value_models, betas, strict=False):
+    for model, weight in zip(value_models, weights, strict=False):
         if model.kind == "policy-head":
             if model.policy_name != policy.name:
                 raise ValueError(f"value head was fitted on policy '{model.policy_name}', not '{policy.name}'")
-            parts.append((HeadValueGuide(model), 1.0 / beta))
+            parts.append((HeadValueGuide(model), weight))
         else:
-            parts.append((CachedValueGuide(model, policy.tokenizer.pad_token_id), 1.0 / beta))
+            parts.append((CachedValueGuide(model, policy.tokenizer.pad_token_id), weight))
     return WeightedGuide(parts)
 
 
 def system_plan(name: str, recipe, policy, value_models=(), reward_model=None, w2s_models=None):
     """(SearchSettings, guide or None) for a named system."""
-    base = base_settings(recipe)
-    n = base.rows
-    if name == "base-greedy":
-        return replace(base, width=1, successors=1, temperature=0.0), None
-    if name == "base-sampled":
-        return replace(base, width=1, successors=1), None
-    if name == "best-of-n" or name.startswith("best-of-n:"):
-        rows = best_of_n_rows(name, n)
-        return replace(base, width=1, successors=rows, chunk_length=None, final_pick="reward"), None
-    if name == "blockwise-cd":
-        _need(value_models, name)
-        return replace(base, width=1, successors=n), value_guide(value_models[:1], [1.0], policy)
-    if name.startswith("spi-"):
-        k = int(name.split("-", 1)[1])
-        _need(value_models[:k] if len(value_models) >= k else [], name)
-        return base, value_guide(value_models[:k], recipe.iterations.betas[:k], policy)
-    if name == "weak-to-strong":
-        if not w2s_models:
-            raise ValueError("weak-to-strong needs baselines.weak_to_strong_tuned and _untuned models")
-        tuned, untuned = (getattr(m, "model", m) for m in w2s_models)  # CausalLM or a bare HF model
-        return base, ImplicitRewardGuide(tuned, untuned, policy.tokenizer.pad_token_id)
-    if name == "args":
-        if reward_model is None:
-            raise ValueError("args needs a reward model")
-        args = recipe.baselines
-        guide = WeightedGuide([(TokenLogProbGuide(), 1.0), (RewardGuide(reward_model, policy.tokenizer), args.args_weight)])
-        return replace(base, width=1, successors=args.args_top_k, chunk_length=1, proposal="topk",
-                       final_pick="value"), guide
-    raise ValueError(f"unknown system '{name}'")
+    system, match = lookup(name)
+    settings = system.plan(match, recipe, base_settings(recipe))
+    weights = value_weights(name, recipe)
+    if weights:
+        if len(value_models) < len(weights):
+            raise ValueError(f"system '{name}' needs {len(weights)} fitted value models, got {len(value_models)}; "
+                             "run the SPI iterations first")
+        return settings, value_guide(list(value_models)[:len(weights)], weights, policy)
+    if "reward" in system.needs and reward_model is None:
+        raise ValueError(f"{name} needs a reward model")
+    if "weak-to-strong" in system.needs and not w2s_models:
+        raise ValueError(f"{name} needs baselines.weak_to_strong_tuned and _untuned models")
+    guide = system.guide(recipe, policy, reward_model, w2s_models) if system.guide else None
+    return settings, guide
+
+
+def load_extra_models(name: str, recipe) -> tuple | None:
+    """The weak-to-strong pair a system needs (the reward model is the recipe's, loaded by the stage)."""
+    if "weak-to-strong" not in needs(name):
+        return None
+    from spi.models import CausalLM
+
+    b = recipe.baselines
+    if not (b.weak_to_strong_tuned and b.weak_to_strong_untuned):
+        raise ValueError("weak-to-strong needs baselines.weak_to_strong_tuned and baselines.weak_to_strong_untuned")
+    return CausalLM.load(b.weak_to_strong_tuned), CausalLM.load(b.weak_to_strong_untuned)
 
 
 def best_of_n_rows(name: str, default: int) -> int:
@@ -90,6 +158,71 @@ def best_of_n_rows(name: str, default: int) -> int:
     return int(text)
 
 
-def _need(value_models, name):
-    if not value_models:
-        raise ValueError(f"system '{name}' needs fitted value models; run the SPI iterations first")
+# --------------------------------------------------------------------------- the built-in systems
+
+
+def _w2s_guide(recipe, policy, reward_model, w2s_models):
+    from spi.guides import ImplicitRewardGuide
+
+    tuned, untuned = (getattr(m, "model", m) for m in w2s_models)  # CausalLM or a bare HF model
+    return ImplicitRewardGuide(tuned, untuned, policy.tokenizer.pad_token_id)
+
+
+def _args_guide(recipe, policy, reward_model, w2s_models):
+    from spi.guides import RewardGuide, TokenLogProbGuide, WeightedGuide
+
+    weight = recipe.baselines.args_weight
+    return WeightedGuide([(TokenLogProbGuide(), 1.0), (RewardGuide(reward_model, policy.tokenizer), weight)])
+
+
+register(System("base-greedy", r"base-greedy", lambda m, r, b: replace(b, width=1, successors=1, temperature=0.0)))
+register(System("base-sampled", r"base-sampled", lambda m, r, b: replace(b, width=1, successors=1)))
+register(System(
+    "best-of-n", r"best-of-n(:.*)?",
+    lambda m, r, b: replace(b, width=1, successors=best_of_n_rows(m.group(0), b.rows), chunk_length=None,
+                            final_pick="reward"),
+))
+register(System("blockwise-cd", r"blockwise-cd", lambda m, r, b: replace(b, width=1, successors=b.rows),
+                values=lambda m: 1))
+register(System("spi-k", r"spi-([0-9]+)", lambda m, r, b: b, baseline=False, fields=("iterations.betas",),
+                values=lambda m: int(m.group(1)), weight=lambda i, r: 1.0 / r.iterations.betas[i]))
+register(System("weak-to-strong", r"weak-to-strong", lambda m, r, b: b, needs=("weak-to-strong",), guide=_w2s_guide,
+                fields=("baselines.weak_to_strong_tuned", "baselines.weak_to_strong_untuned")))
+register(System(
+    "args", r"args",
+    lambda m, r, b: replace(b, width=1, successors=r.baselines.args_top_k, chunk_length=1, proposal="topk",
+                            final_pick="value"),
+    needs=("reward",), guide=_args_guide, fields=("baselines.args_weight", "baselines.args_top_k"),
+))
+
+
+# --------------------------------------------------------------------------- a guided policy as a folder
+
+
+def write_guided_policy(out: Path, system: str, recipe, value_dirs: list) -> Path:
+    """The folder the model registry holds for ``system``: ``policy.json`` (the system, the base
+    model, and each value model with its weight and beta) and the value model folders V_1..V_m."""
+    weights = value_weights(system, recipe)
+    if len(value_dirs) < len(weights):
+        raise ValueError(f"{system} needs {len(weights)} value models, got {len(value_dirs)}")
+    betas = recipe.iterations.betas
+    values = [{"folder": f"V{i}", "weight": weight, "beta": betas[i - 1] if system.startswith("spi-") else None}
+              for i, weight in enumerate(weights, 1)]
+    meta = {"system": system, "base_model": recipe.policy.model, "dtype": recipe.policy.dtype, "values": values}
+
+    def build(folder: Path) -> None:
+        for value, source in zip(values, value_dirs, strict=False):
+            shutil.copytree(source, folder / value["folder"])
+        (folder / "policy.json").write_text(json.dumps(meta, indent=1))
+
+    return write_folder(out, build)
+
+
+def read_guided_policy(folder: Path) -> tuple[str, list[Path], dict]:
+    """(system, value model folders in order, policy.json) of a folder written by write_guided_policy."""
+    folder = Path(folder)
+    meta_path = folder / "policy.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} is not a guided policy folder (no policy.json)")
+    meta = json.loads(meta_path.read_text())
+    return meta["system"], [folder / v["folder"] for v in meta["values"]], meta

@@ -107,11 +107,6 @@ def _checksums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def folder_digest(folder: str | Path) -> str:
-    meta = json.loads((Path(folder) / "value.json").read_text())
-    return hashlib.sha256(json.dumps(meta["checksums"], sort_keys=True).encode()).hexdigest()[:16]
-
-
 def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
     folder = Path(folder)
     meta_path = folder / "value.json"

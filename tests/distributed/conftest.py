@@ -34,7 +34,7 @@ def cluster2(prefect_api):
     pytest.importorskip("prefect_dask")
     from distributed import Client, LocalCluster
 
-    from flows.distributed import local_cluster_kwargs
+    from flows.sharded import local_cluster_kwargs
 
     cluster = LocalCluster(**local_cluster_kwargs(2))
     client = Client(cluster)
@@ -45,12 +45,12 @@ def cluster2(prefect_api):
 
 @pytest.fixture(scope="session")
 def eval_set(tmp_path_factory):
-    from flows.distributed import write_eval_set
     from spi.pipeline import load_instructions
+    from spi.stagefiles import write_json
 
-    return write_eval_set(
-        tmp_path_factory.mktemp("eval") / "eval.json", load_instructions("builtin:train", 200, N_EVAL)
-    )
+    rows = [{"index": i, "instruction": x, "dataset": "bench"}
+            for i, x in enumerate(load_instructions("builtin:train", 200, N_EVAL))]
+    return str(write_json(tmp_path_factory.mktemp("eval") / "eval.json", rows, indent=None))
 
 
 @pytest.fixture(scope="session")

@@ -79,8 +79,9 @@ def test_sharded_judging_gives_the_unsharded_judge_stage(cluster2, eval_set, tmp
     from prefect import flow
 
     from evaluation.judging import JudgementCache
+    from flows import sharded
     from flows import tasks as T
-    from flows.distributed import Layout, judge_body, with_runner
+    from flows.context import RunContext
     from spi.config import load_recipe
 
     cluster, _ = cluster2
@@ -102,9 +103,9 @@ def test_sharded_judging_gives_the_unsharded_judge_stage(cluster2, eval_set, tmp
 
     @flow
     def judge(workdir: str) -> dict:
-        return judge_body(Layout(r, workdir), "sys", refs, outs)
+        return sharded.judge(RunContext(r, workdir), "sys", {"path": refs}, {"path": outs}, "k", False)
 
-    out = with_runner(judge, TINY, overrides)(str(tmp_path / "work"))
+    out = sharded.with_runner(judge, r)(str(tmp_path / "work"))
     assert out["shards"] == 2  # prompts 0-2 and 3
     assert Path(out["path"]).read_bytes() == (tmp_path / "unsharded.json").read_bytes()
 

@@ -16,12 +16,35 @@ pytest.importorskip("prefect_dask")
 
 
 def run(workdir, eval_set, execution, store_url=None):
-    from flows.distributed import distributed_run, with_runner
+    """The one SPI loop with the sharded stage strategy, then spi-1 decodes ``eval_set``, sharded;
+    ``store_url``: each iteration's merged rollouts and rewards also go into the SQL store."""
+    from prefect import flow
 
-    overrides = {**OVERRIDES, "execution": {**OVERRIDES["execution"], **execution}}
-    return with_runner(distributed_run, TINY, overrides)(
-        recipe=TINY, overrides=overrides, eval_set=eval_set, workdir=str(workdir), store_url=store_url
-    )
+    from flows import records
+    from flows.context import RunContext
+    from flows.sharded import with_runner
+    from flows.stages import FlowStages
+    from spi import loop
+    from spi.config import load_recipe
+    from spi.stagefiles import output_digest
+
+    r = load_recipe(TINY, {**OVERRIDES, "execution": {**OVERRIDES["execution"], **execution}})
+
+    @flow(persist_result=False)
+    def sharded_run(workdir: str) -> dict:
+        ctx = RunContext(r, workdir)
+        stages = FlowStages(ctx)
+
+        def store(it):  # rows keyed by (run, system, iteration, prompt, row): a repeated insert adds nothing
+            if store_url:
+                records.store_rollouts_task(store_url, ctx.run_key, it["iteration"], it["rollouts"]["path"],
+                                            it["labels"]["path"], ctx.reward_name)
+
+        iterations, value_dirs = loop.iterate(r, stages, store)
+        decoded = stages.decode("spi-1", value_dirs[:1], {"path": eval_set, "digest": output_digest(eval_set)})
+        return {"iterations": iterations, "decoded": {"spi-1": decoded}}
+
+    return with_runner(sharded_run, r)(str(workdir))
 
 
 def store_counts(url):
@@ -47,9 +70,9 @@ def assert_matches_reference(out, reference):
 
 
 def _folder_digest(path):
-    from spi.pipeline import file_digest
+    from spi.stagefiles import output_digest
 
-    return file_digest(path)
+    return output_digest(path)
 
 
 def test_two_workers_one_worker_and_unsharded_give_the_same_rows(cluster2, eval_set, reference, tmp_path):

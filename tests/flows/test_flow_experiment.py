@@ -123,7 +123,7 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     )
     assert spi1["metrics"]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
     names = {a.path for a in client.list_artifacts(spi1["run_id"])}
-    assert {"generations", "judge_annotations", "rollouts", "labels", "value_model"} <= names
+    assert {"generations", "judge_annotations", "rollouts", "labels", "guided_policy"} <= names
     assert "rollouts" not in {a.path for a in client.list_artifacts(children[("base-sampled", 0)]["run_id"])}
     run = client.get_run(spi1["run_id"])
     assert (
@@ -132,9 +132,12 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     )
 
 
-def test_value_models_registered_and_round_trip(experiment, tmp_path):
+def test_guided_policies_registered_and_round_trip(experiment, tmp_path):
+    """Version k is spi-k as a whole: the base model and V_1..V_k with their betas, each V_i the
+    folder the experiment fitted (same scores after the round trip through the registry)."""
     from mlflow_store.registry import get_version, load_registered_value_model
     from spi.models import CausalLM
+    from spi.systems import read_guided_policy
     from spi.value import load_value_model
 
     workdir, summary, full = experiment
@@ -148,18 +151,19 @@ def test_value_models_registered_and_round_trip(experiment, tmp_path):
     assert float(get_version(uri, NAME, 1).tags["win_rate"]) == pytest.approx(rates[1])
     assert "spi.promotion" in get_version(uri, NAME, 2).tags
 
-    folder = load_registered_value_model(NAME, "champion", uri, tmp_path / "dl")
-    original = next(
-        p for p in (workdir / "tiny" / f"iteration-{champion.version}").glob("value-*") if p.is_dir()
-    )
+    system, value_dirs, meta = read_guided_policy(load_registered_value_model(NAME, 2, uri, tmp_path / "dl"))
+    assert system == "spi-2" and meta["base_model"] == "tiny-llama"
+    assert [(v["beta"], v["weight"]) for v in meta["values"]] == [(1.0, 1.0), (2.0, 0.5)]
     policy = CausalLM.load("tiny-llama")
     sequences = [[1, 5, 9, 200, 17], [3, 4], [100, 101, 102, 103, 104, 105, 106]]
     pad = policy.tokenizer.pad_token_id
-    with torch.no_grad():
-        before = load_value_model(original).score_sequences(sequences, pad, policy.model)
-        after = load_value_model(folder).score_sequences(sequences, pad, policy.model)
-    assert torch.equal(before, after)
-    assert before.abs().sum() > 0  # a fitted head, not the zero initialisation
+    for k, folder in enumerate(value_dirs, 1):
+        original = next(p for p in (workdir / "tiny" / f"iteration-{k}").glob("value-*") if p.is_dir())
+        with torch.no_grad():
+            before = load_value_model(original).score_sequences(sequences, pad, policy.model)
+            after = load_value_model(folder).score_sequences(sequences, pad, policy.model)
+        assert torch.equal(before, after)
+        assert before.abs().sum() > 0  # a fitted head, not the zero initialisation
 
 
 def test_store_rows(experiment):
@@ -292,7 +296,7 @@ def load_champion_folder(uri, tmp_path):
 
 
 def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp_path):
-    from flows.experiment import evaluate_value_model
+    from flows.model_flows import evaluate_value_model
     from mlflow_store.registry import get_version
 
     workdir, summary, full = experiment
@@ -300,9 +304,15 @@ def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp
     champion = get_version(uri, NAME, "champion")
     result = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), alias="champion")
     assert result["version"] == str(champion.version)
-    # the champion decodes as spi-1 guided by that one value model; V_1 alone is exactly spi-1
-    if champion.version == 1:
-        assert result["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
+    # the champion decodes the system it was registered as (earlier tests may have promoted a version of
+    # another run of the same registered model: the system is read from the folder)
+    assert result["guided_system"] in ("spi-1", "spi-2")
+    # version 2, this experiment's spi-2, decodes exactly its spi-2: V_1/beta_1 + V_2/beta_2 (the same
+    # decode, found by its key), not V_2 alone as spi-1
+    result2 = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), alias="2")
+    assert result2["guided_system"] == "spi-2"
+    for key in ("mean_reward", "policy_tokens", "win_rate"):
+        assert result2[key] == pytest.approx(summary["systems"]["spi-2"][key]), key
     tags = get_version(uri, NAME, champion.version).tags
     assert float(tags["eval_win_rate"]) == pytest.approx(result["win_rate"])
 

@@ -137,9 +137,11 @@ def test_load_detects_tampered_artifacts(tracking_uri, value_folder, tmp_path):
         R.load_registered_value_model("tamper", "candidate", tracking_uri, tmp_path / "dl")
 
 
-def test_folder_digest_sees_names_and_bytes(value_folder):
+def test_tree_digest_sees_names_and_bytes(value_folder):
+    from spi.stagefiles import tree_digest
+
     a = value_folder("a")
-    before = R.folder_digest(a)
-    assert R.folder_digest(a) == before
+    before = tree_digest(a)
+    assert tree_digest(a) == before
     (a / "value.json").rename(a / "other.json")
-    assert R.folder_digest(a) != before
+    assert tree_digest(a) != before

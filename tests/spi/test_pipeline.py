@@ -6,7 +6,8 @@ import statistics
 import pytest
 
 from spi.config import load_recipe
-from spi.pipeline import generate_rollouts, heldout_instructions, run_spi
+from spi.loop import run_spi
+from spi.pipeline import generate_rollouts, heldout_instructions
 
 TINY = {
     "name": "tiny", "policy": {"model": "tiny-llama"},

@@ -1,0 +1,164 @@
+"""Compare the systems: decode each on the eval set, judge it against the references, and report.
+
+    evaluate_systems   the eval set and its references, then every system of ``spi.loop.systems``
+                       decoded and judged (then Best-of-N at spi-k's budgets, read from one decode)
+    write_report       the comparison table, plots, paired differences and the markdown report
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation import report
+from flows.context import RunContext
+from flows.stages import FlowStages
+from spi.loop import systems
+from spi.systems import value_count
+
+
+def finite(x):
+    return x if isinstance(x, (int, float)) and x is not None and math.isfinite(x) else None
+
+
+def prepare_eval(ctx: RunContext, stages: FlowStages) -> tuple[dict, dict]:
+    """(eval set, eval set with references) stage results: the instructions every system answers
+    (decode keys depend on them only) and the references the judge compares with (the user's, or
+    written by ``evaluation.reference_generator``, whose decode is shared with that baseline)."""
+    eval_set = stages.eval_set()
+    if eval_set["has_references"]:
+        return eval_set, eval_set
+    generator = ctx.recipe.evaluation.reference_generator
+    if value_count(generator):
+        raise ValueError(f"evaluation.reference_generator '{generator}' needs value models; name a baseline system")
+    return eval_set, stages.references(eval_set, generator, stages.decode(generator, [], eval_set))
+
+
+def system_row(system: str, iteration: int | None, decoded: dict, judged: dict) -> dict:
+    m = judged["metrics"]
+    return {
+        "system": system,
+        "iteration": iteration,
+        "mean_reward": decoded["mean_reward"],
+        "win_rate": m["win_rate"],
+        "win_rate_ci_low": m.get("win_rate_ci_low"),
+        "win_rate_ci_high": m.get("win_rate_ci_high"),
+        "standard_error": finite(m.get("standard_error")),
+        "length_controlled_winrate": m.get("length_controlled_winrate"),
+        "policy_tokens": int(decoded["compute"].get("policy_tokens", 0)),
+        "generated_tokens": int(decoded["compute"].get("generated_tokens", 0)),
+        "avg_length": m.get("avg_length"),
+        "seconds_decode": decoded["seconds"],
+        "seconds_judge": judged["seconds"],
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """The comparison table printed at the end of ``spi run``."""
+
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "n/a"
+
+    lines = [
+        f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'LC win':>9}{'policy tokens':>15}"
+    ]
+    for row in rows:
+        ci = f"{row['win_rate']:6.2f} [{num(row['win_rate_ci_low'], '5.1f')}, {num(row['win_rate_ci_high'], '5.1f')}]"
+        lines.append(
+            f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
+            f"{row['mean_reward']:>13.4f}{ci:>26}{num(row['length_controlled_winrate'], '9.2f'):>9}"
+            f"{row['policy_tokens']:>15d}"
+        )
+    return "\n".join(lines)
+
+
+def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) -> list[str]:
+    r = ctx.recipe
+    beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired if not p["within_noise"]]
+    verdict = (
+        "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
+        if beyond
+        else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
+        "interval holds 0)." if paired else ""
+    )
+    return [
+        f"# SPI experiment `{r.name}` ({r.digest})",
+        "",
+        f"Judge: `{judge}`; reward model (used for training, not for judging): `{ctx.reward_name}`.",
+        f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.",
+        "",
+        verdict,
+    ]
+
+
+def matched_best_of_n(ctx: RunContext, stages: FlowStages, rows: list[dict], eval_set: dict, n_eval: int):
+    """(system, decode, "spi-k, ...") for Best-of-N at each spi-k's generated tokens (training included):
+    the widest is decoded, the others are its first N rows (the rows they would sample themselves)."""
+    s = ctx.recipe.search
+    sizes = report.matched_sizes(rows, s.width * s.successors, n_eval)
+    if not sizes:
+        return []
+    widest = max(sizes.values())
+    decoded = stages.decode(f"best-of-n:{widest}", [], eval_set)
+    out = []
+    for n in sorted(set(sizes.values())):
+        matches = ", ".join(f"spi-{k}" for k in sorted(sizes) if sizes[k] == n)
+        out.append((f"best-of-n:{n}", decoded if n == widest else stages.best_of_first(decoded, n), matches))
+    return out
+
+
+@dataclass
+class Evaluation:
+    """Every system decoded and judged: one row each, the (decode, judgement) stage results by system."""
+
+    rows: list[dict]
+    judged: dict[str, tuple[dict, dict]]
+    judge: str | None
+    references: dict
+
+
+def evaluate_systems(ctx: RunContext, iterations: list[dict], value_dirs: list[str], allow_reward_judge: bool,
+                     on_judged=None) -> Evaluation:
+    """Baselines and spi-1..spi-K (then Best-of-N at their budgets) decoded on the eval set and judged
+    against the references; ``on_judged(row, decoded, judgement)`` after each system."""
+    stages = FlowStages(ctx)
+    eval_set, references = prepare_eval(ctx, stages)
+    ev = Evaluation([], {}, None, references)
+    n_eval = len(json.loads(Path(references["path"]).read_text()))
+
+    def judge(name, k, decoded, **extra):
+        judgement = stages.judge(name, references, decoded, allow_reward_judge)
+        ev.judge = judgement["judge"]
+        ev.judged[name] = (decoded, judgement)
+        row = system_row(name, k, decoded, judgement)
+        row.update(report.cost_fields(row, decoded, iterations, n_eval), **extra)
+        ev.rows.append(row)
+        if on_judged:
+            on_judged(row, decoded, judgement)
+
+    for name, k, n_values in systems(ctx.recipe):
+        judge(name, k, stages.decode(name, value_dirs[:n_values], eval_set))
+    if ctx.recipe.baselines.budget_matched_best_of_n:
+        for name, decoded, matches in matched_best_of_n(ctx, stages, ev.rows, eval_set, n_eval):
+            judge(name, None, decoded, matches=matches)
+    return ev
+
+
+def write_report(ctx: RunContext, ev: Evaluation, iterations: list[dict], run_id: str, promotions: list[dict]) -> dict:
+    """The comparison: table, plots, paired differences and the markdown report file."""
+    r = ctx.recipe
+    plot_dir = ctx.dir / f"report-{r.digest[:12]}-plots"
+    plots = report.write_plots(ev.rows, plot_dir, f"{r.name} ({ev.judge})") if ev.rows else []
+    paired = report.paired_rows(ev.rows, ev.judged)
+    markdown = report.render(
+        report_head(ctx, ev.judge, run_id, paired), ev.rows, iterations, paired,
+        [f"{plot_dir.name}/{p.name}" for p in plots], report.examples(ev.rows, ev.judged), promotions,
+    )
+    report_file = ctx.dir / f"report-{r.digest[:12]}.md"
+    report_file.write_text(markdown)
+    return {"table": format_table(ev.rows), "markdown": markdown, "file": report_file, "plots": plots,
+            "plot_dir": plot_dir, "paired": paired}
+
+

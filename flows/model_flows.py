@@ -1,0 +1,143 @@
+"""Flows around the model registry and the judge, outside an experiment.
+
+    evaluate_value_model  score a registered guided policy (models:/NAME@ALIAS: the promoted system,
+                          spi-k with all its value models) or a file of outputs
+    fit_local_judge       train the local Bradley-Terry judge (evaluation.trained_judge)
+    promote_value_model   move ``champion`` to ``candidate`` when it wins by the margin
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows import records
+from flows.compare import finite, format_table, prepare_eval, system_row
+from flows.context import RunContext, load_run_recipe
+from flows.experiment import slug
+from flows.stages import FlowStages
+from spi.stagefiles import output_digest, write_json
+from spi.systems import read_guided_policy
+
+
+def _evaluate_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    if p.get("outputs"):
+        return f"evaluate-{Path(str(p['outputs'])).stem}"
+    return f"evaluate-{p.get('registered_model') or Path(str(p.get('recipe', 'spi'))).stem + '-value'}-{p.get('alias')}"
+
+
+@flow(name="evaluate-value-model", flow_run_name=_evaluate_run_name, persist_result=False)
+def evaluate_value_model(
+    recipe: str = "smoke",
+    overrides: dict | None = None,
+    workdir: str | None = None,
+    registered_model: str | None = None,
+    alias: str = "champion",
+    outputs: str | None = None,
+    allow_reward_judge: bool = False,
+) -> dict:
+    """Score the registered guided policy ``models:/NAME@ALIAS`` (the system it was registered as,
+    e.g. spi-k with all of V_1..V_k and their betas) or, with ``outputs``, an AlpacaEval-format file of
+    outputs for the recipe's eval set. Logs a child run of the recipe's experiment and, for a
+    registered model, ``eval_*`` tags on the version. Returns the metrics."""
+    from mlflow_store import tracking
+    from mlflow_store.registry import get_version, load_registered_value_model
+
+    r = load_run_recipe(recipe, overrides)
+    ctx = RunContext(r, workdir)
+    stages = FlowStages(ctx)
+    name = registered_model or ctx.registered_model
+    eval_set, references = prepare_eval(ctx, stages)
+    if outputs:
+        decoded, label = _given_outputs(ctx, references, outputs)
+        system, version = label, None
+    else:
+        mv = get_version(ctx.tracking_uri, name, alias)
+        version = str(mv.version)
+        folder = load_registered_value_model(name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}")
+        system, value_dirs, meta = read_guided_policy(folder)
+        if meta["base_model"] != r.policy.model:
+            raise ValueError(f"{name} version {version} guides base model '{meta['base_model']}', but the recipe's "
+                             f"policy.model is '{r.policy.model}'")
+        decoded = stages.decode(system, [str(d) for d in value_dirs], eval_set)
+        label = f"{alias}-v{version}"
+    judgement = stages.judge(label, references, decoded, allow_reward_judge)
+    row = system_row(label, None, decoded, judgement)
+    run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest) or tracking.start_experiment_run(
+        ctx.tracking_uri, ctx.experiment, ctx.data, r.digest, tracking.code_version())
+    metrics = {k: v for k, v in row.items() if k not in ("system", "iteration") and finite(v) is not None}
+    records.track_child_task(ctx.tracking_uri, run_id, f"evaluate-{label}", 0, metrics,
+                             {"generations": decoded["path"], "judge_annotations": judgement["path"]},
+                             {"spi.judge": judgement["judge"], "spi.registered_model": name})
+    if version is not None:
+        client = tracking.client_for(ctx.tracking_uri)
+        for key in ("win_rate", "length_controlled_winrate", "mean_reward"):
+            if finite(row.get(key)) is not None:
+                client.set_model_version_tag(name, version, f"eval_{key}", repr(float(row[key])))
+    create_markdown_artifact(key=f"{slug(r.name)}-evaluate-{slug(alias if not outputs else 'outputs')}",
+                             markdown=f"# Evaluation of {label}\n\n```\n{format_table([row])}\n```\n")
+    return {"system": label, "guided_system": None if outputs else system,
+            "registered_model": name if version else None, "version": version, **row}
+
+
+def _given_outputs(ctx: RunContext, references: dict, outputs: str) -> tuple[dict, str]:
+    """A file of outputs for the eval set as a decode stage's result (no model runs)."""
+    from evaluation.data import read_model_outputs
+
+    rows = json.loads(Path(references["path"]).read_text())
+    given = read_model_outputs(outputs, rows)
+    missing = [e["index"] for e in rows if e["index"] not in given]
+    if missing:
+        raise ValueError(f"{outputs}: no output for {len(missing)} eval instructions (indices {missing[:5]})")
+    label = f"outputs-{output_digest(outputs)[:8]}"
+    path = write_json(ctx.dir / "eval" / f"{label}.json", {"system": label, "outputs": [given[e["index"]] for e in rows],
+                                                           "compute": {}, "mean_reward": float("nan")})
+    return {"path": str(path), "digest": output_digest(path), "mean_reward": float("nan"), "compute": {},
+            "seconds": 0.0}, label
+
+
+@flow(name="fit-local-judge", persist_result=False)
+def fit_local_judge(
+    name: str = "minilm-bt",
+    data_dir: str | None = None,
+    n_instructions: int | None = 100,
+    backbone: str = "minilm-l6",
+    out: str | None = None,
+    refit: bool = False,
+) -> dict:
+    """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
+    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
+    import shutil
+
+    from evaluation.judging import ensure_local_judge, local_judge_folder
+
+    folder = Path(out) if out else local_judge_folder(name)
+    if refit and folder.exists():
+        shutil.rmtree(folder)
+    folder = ensure_local_judge(name, data_dir, n_instructions, backbone, out=folder)
+    meta = json.loads((folder / "judge_head.json").read_text())
+    get_run_logger().info("local judge %s at %s (%s pairs)", name, folder, meta["meta"].get("n_pairs"))
+    return {"name": name, "folder": str(folder), "backbone": meta["backbone"], "meta": meta["meta"]}
+
+
+@flow(name="promote-value-model", flow_run_name="promote-{registered_model}", persist_result=False)
+def promote_value_model(
+    registered_model: str,
+    tracking_uri: str | None = None,
+    workdir: str = "runs",
+    margin: float = 0.0,
+    metric: str = "win_rate",
+    use_stages: bool = False,
+) -> dict:
+    """Move ``champion`` to the ``candidate`` version iff it beats the champion's ``metric`` by more
+    than ``margin`` points. tracking_uri default: the SQLite file of ``workdir``."""
+    from mlflow_store.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(workdir)
+    return records.promote_task(uri, registered_model, margin, metric, use_stages)
