@@ -43,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    from flows.commands import bad_input_errors, report_error
+
     try:
         return int(args.func(args) or 0)
+    except bad_input_errors() as err:  # one `error:` line naming the field or file, never a traceback
+        if os.environ.get("SPI_DEBUG"):
+            raise
+        return report_error(err)
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept and a rerun resumes from them", file=sys.stderr)
         return 130

@@ -69,7 +69,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_promote)
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
+def bad_input_errors() -> tuple[type[BaseException], ...]:
     from evaluation.data import DataError
     from evaluation.judges import JudgeSpecError
     from flows.context import StageError
@@ -86,12 +86,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         StageError,
         JudgeSpecError,
         DataError,
-        FileNotFoundError,
-        ValueError,
+        OSError,  # a missing or unreadable file, a corrupt gzip
+        ValueError,  # incl. JSON decode errors and prompt-set errors naming file and row
     )
 
 
-def _error(err: BaseException) -> int:
+def report_error(err: BaseException) -> int:
     message = " ".join(str(err).split()) or type(err).__name__
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
     from mlflow_store.tracking import client_for
     from spi.config import parse_overrides
 
-    errors = _bad_input_errors()
+    errors = bad_input_errors()
     try:  # fail before anything starts: recipe, tracking URI, store URL
         overrides = parse_overrides(args.overrides)
         recipe = load_run_recipe(args.recipe, overrides)  # the flow reads this same parsed recipe
@@ -115,7 +115,7 @@ def cmd_run(args) -> int:
         client_for(ctx.tracking_uri)
         Store(ctx.store_url).close()
     except errors as err:
-        return _error(err)
+        return report_error(err)
 
     from flows.experiment import spi_experiment
 
@@ -131,7 +131,7 @@ def cmd_run(args) -> int:
         )
     except errors as err:
         print("finished stages are kept; rerun the same command to resume", file=sys.stderr)
-        return _error(err)
+        return report_error(err)
     seconds = time.perf_counter() - started
     if args.summary_json:
         out = {
@@ -188,9 +188,9 @@ def cmd_run(args) -> int:
 def cmd_promote(args) -> int:
     from mlflow_store.tracking import default_tracking_uri
 
-    errors = _bad_input_errors()
+    errors = bad_input_errors()
     if not args.tracking_uri and not (Path(args.workdir) / "mlflow.db").is_file():
-        return _error(
+        return report_error(
             LookupError(
                 f"no registered model named '{args.registered_model}': "
                 f"{Path(args.workdir).resolve() / 'mlflow.db'} does not exist "
@@ -212,7 +212,7 @@ def cmd_promote(args) -> int:
             use_stages=args.stages,
         )
     except errors as err:
-        return _error(err)
+        return report_error(err)
     verb = "promoted" if decision["promoted"] else "not promoted"
     print(
         f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}"

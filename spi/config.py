@@ -62,6 +62,9 @@ class ValueConfig(Section):
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="prompts held out to measure the fit")
+    pooling: Literal["last", "last+mean"] = Field(
+        "last", description="policy-head: the head reads the state at t, or beside it the mean state of the response so far"
+    )
     solver: Literal["adam", "ridge"] = Field(
         "adam", description="adam: epochs of AdamW; ridge: exact head, L2 penalty cross-validated over prompts (policy-head)"
     )
@@ -70,6 +73,8 @@ class ValueConfig(Section):
     def _backbone_named(self):
         if self.kind == "backbone" and not self.backbone:
             raise ValueError("value.backbone must name a model when value.kind is 'backbone'")
+        if self.pooling != "last" and self.kind != "policy-head":
+            raise ValueError(f"value.pooling '{self.pooling}' needs value.kind 'policy-head'")
         if self.solver == "ridge" and self.kind != "policy-head":
             raise ValueError("value.solver 'ridge' needs value.kind 'policy-head'")
         return self

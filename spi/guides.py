@@ -31,6 +31,7 @@ class Boundary:
     new_real: torch.Tensor  # [rows, n] bool, True for tokens that are part of the response
     responses: list[list[int]]  # each row's response tokens so far
     policy_hidden: torch.Tensor  # [rows, H] policy hidden state at each row's last token
+    policy_hidden_mean: torch.Tensor  # [rows, H] mean policy hidden state from the last prompt token on
     last_logprob: torch.Tensor  # [rows] log pi_0 of each row's last token
 
 
@@ -75,8 +76,9 @@ class Guide:
 def _score_sequences(value_model, prefixes: Prefixes, policy_model=None) -> torch.Tensor:
     """A value model on prompt + response of every row, from scratch (counted as value tokens/calls)."""
     sequences = prefixes.sequences()
+    starts = [len(p) - 1 for p in prefixes.prompt_ids]
     with prefixes.compute.timed("value_forward"):
-        values = value_model.score_sequences(sequences, prefixes.pad_id, policy=policy_model)
+        values = value_model.score_sequences(sequences, prefixes.pad_id, policy=policy_model, starts=starts)
     prefixes.compute.value_tokens += sum(len(s) for s in sequences)
     prefixes.compute.value_calls += len(sequences)
     return values.float().cpu()
@@ -91,7 +93,10 @@ class HeadValueGuide(Guide):
     def score(self, boundary):
         with self.compute.timed("value_forward"):
             self.compute.value_calls += len(boundary.responses)
-            return rowwise(self.value_model.head_values, boundary.policy_hidden).float()
+            features = boundary.policy_hidden
+            if self.value_model.pooling == "last+mean":
+                features = torch.cat([features, boundary.policy_hidden_mean.to(features.dtype)], -1)
+            return rowwise(self.value_model.head_values, features).float()
 
     def score_prefixes(self, prefixes):
         if prefixes.policy_model is None:

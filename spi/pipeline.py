@@ -176,7 +176,8 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     policy = load_policy(recipe)
     cfg = recipe.value
     torch.manual_seed(seed_for(recipe.seed, "value", iteration))
-    model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank, recipe.policy.dtype)
+    model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank, recipe.policy.dtype,
+                            cfg.pooling)
     examples = value_examples(rollouts, labels, cfg.fit_on, policy.eos_ids[0])
     fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
               cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,

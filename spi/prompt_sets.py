@@ -150,6 +150,7 @@ def read_records(path: str | os.PathLike, cache: str | os.PathLike | None = None
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
+    _quiet_datasets()
     path = Path(path)
     if not path.is_file():
         raise PromptSetError(path, None, "no such file")
@@ -163,6 +164,15 @@ def read_records(path: str | os.PathLike, cache: str | os.PathLike | None = None
     return list(zip(_row_numbers(path, len(rows)), rows, strict=True))
 
 
+def _quiet_datasets() -> None:
+    """No progress bars or info logs from ``datasets``: reading a small prompts file is not long work,
+    and its bars would sit in front of a command's one-line error message."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def _read_json(path: Path, schema: str, cache, name: str | None = None) -> tuple[str, str, list[tuple[int, dict]]]:
     return name or str(path), schema, read_records(path, cache)
 
@@ -170,6 +180,7 @@ def _read_json(path: Path, schema: str, cache, name: str | None = None) -> tuple
 def _read_hub(hub_id: str, split: str, schema: str, cache) -> tuple[str, str, list[tuple[int, dict]]]:
     from datasets import load_dataset
 
+    _quiet_datasets()
     try:
         dataset = load_dataset(hub_id, split=split, cache_dir=str(cache or cache_dir()))
     except (ConnectionError, FileNotFoundError) as err:

@@ -42,19 +42,32 @@ class FitReport:
     ridge_penalty: float | None = None  # the cross-validated penalty of the ridge solver
 
 
+POOLINGS = ("last", "last+mean")
+
+
 class ValueModel(nn.Module):
+    """``pooling``: what the head reads at response position t. "last": the hidden state at t.
+    "last+mean": that state beside the mean of the states from the last prompt token to t, so that an
+    event anywhere in the response so far (a comma written, a capital used) stays visible to a linear
+    head; the search keeps that mean as a running sum per row (``Boundary.policy_hidden_mean``)."""
+
     def __init__(self, kind: str, hidden_size: int, policy_name: str, backbone=None, tokenizer=None,
-                 backbone_name: str | None = None):
+                 backbone_name: str | None = None, pooling: str = "last"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"value pooling '{pooling}' is not one of {', '.join(POOLINGS)}")
+        if pooling != "last" and kind != "policy-head":
+            raise ValueError(f"value pooling '{pooling}' needs the policy-head kind")
         self.kind, self.policy_name, self.backbone_name = kind, policy_name, backbone_name
-        self.hidden_size = hidden_size
-        self.head = nn.Linear(hidden_size, 1)
+        self.hidden_size, self.pooling = hidden_size, pooling
+        features = hidden_size * (2 if pooling == "last+mean" else 1)
+        self.head = nn.Linear(features, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         # Per-feature standardisation, set from the training features at the start of a fit: LLM hidden
         # states have a few huge outlier dimensions that otherwise dominate a linear head.
-        self.register_buffer("feature_mean", torch.zeros(hidden_size))
-        self.register_buffer("feature_scale", torch.ones(hidden_size))
+        self.register_buffer("feature_mean", torch.zeros(features))
+        self.register_buffer("feature_scale", torch.ones(features))
         self.backbone, self.tokenizer = backbone, tokenizer
         self.report: FitReport | None = None
 
@@ -68,16 +81,23 @@ class ValueModel(nn.Module):
         self.feature_mean.copy_(features.mean(0))
         self.feature_scale.copy_(features.std(0).clamp_min(1e-4))
 
-    def features(self, input_ids, attention_mask, policy=None) -> torch.Tensor:
-        """Hidden states [B, T, H] that the head reads: from the backbone, or from the policy."""
+    def features(self, input_ids, attention_mask, policy=None, starts=None) -> torch.Tensor:
+        """What the head reads at every position, [B, T, F]: the hidden states of the backbone or the
+        policy, with "last+mean" pooling their running mean from position ``starts[b]`` (the last prompt
+        token) on."""
         model = self.backbone if self.kind == "backbone" else policy.get_decoder()
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        if self.pooling == "last":
+            return hidden
+        if starts is None:
+            raise ValueError("'last+mean' value features need the response start of every sequence")
+        return torch.cat([hidden, running_mean(hidden, torch.as_tensor(starts, device=hidden.device))], -1)
 
-    def score_sequences(self, sequences: list[list[int]], pad_id: int, policy=None) -> torch.Tensor:
+    def score_sequences(self, sequences: list[list[int]], pad_id: int, policy=None, starts=None) -> torch.Tensor:
         """Value at the last token of each sequence (right-padded batch, no cache)."""
         ids, mask = (t.to(self.head.weight.device) for t in pad_right(sequences, pad_id))
-        hidden = self.features(ids, mask, policy)
+        hidden = self.features(ids, mask, policy, starts)
         last = hidden[torch.arange(len(sequences), device=ids.device), mask.sum(-1) - 1]
         return self.head_values(last)
 
@@ -94,7 +114,7 @@ class ValueModel(nn.Module):
             self.tokenizer.save_pretrained(folder / "backbone")
         meta = {
             "format_version": FORMAT_VERSION, "kind": self.kind, "hidden_size": self.hidden_size,
-            "policy": self.policy_name, "backbone": self.backbone_name,
+            "policy": self.policy_name, "backbone": self.backbone_name, "pooling": self.pooling,
             "report": asdict(self.report) if self.report else None,
             "checksums": _checksums(folder),
         }
@@ -123,13 +143,28 @@ def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
 
         backbone = AutoModel.from_pretrained(str(folder / "backbone")).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "backbone"))
-    model = ValueModel(meta["kind"], meta["hidden_size"], meta["policy"], backbone, tokenizer, meta["backbone"])
+    model = ValueModel(meta["kind"], meta["hidden_size"], meta["policy"], backbone, tokenizer, meta["backbone"],
+                       meta.get("pooling", "last"))
     weights = load_file(folder / "head.safetensors")
     model.feature_mean.copy_(weights.pop("feature_mean"))
     model.feature_scale.copy_(weights.pop("feature_scale"))
     model.head.load_state_dict(weights)
     model.report = FitReport(**meta["report"]) if meta.get("report") else None
     return model.to(device).eval()
+
+
+def running_mean(hidden: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> the mean of hidden[b, starts[b]..t] at every t >= starts[b] (hidden itself before)."""
+    position = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    counted = (position >= starts[:, None]).to(hidden.dtype)
+    sums = (hidden * counted[..., None]).cumsum(1)
+    counts = counted.cumsum(1).clamp_min(1)[..., None]
+    return torch.where(counted[..., None].bool(), sums / counts, hidden)
+
+
+def response_starts(examples) -> list[int]:
+    """The position of each example's last prompt token: where V(x, y_<0) is read."""
+    return [len(e.prompt_ids) - 1 for e in examples]
 
 
 def pad_right(sequences: list[list[int]], pad_id: int):
@@ -188,17 +223,17 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
             chunk = [items[i] for i in order[s:s + batch_size]]
             ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
             targets = torch.tensor([e.reward for e in chunk])
-            yield ids, mask, _response_mask(chunk, ids.shape[1]), targets
+            yield ids, mask, _response_mask(chunk, ids.shape[1]), targets, response_starts(chunk)
 
     # The head-only kind trains on frozen features: compute them once.
     frozen = model.kind == "policy-head"
     if frozen:
         with torch.no_grad():
-            train_batches = [(model.features(i, m, policy).float(), w, t) for i, m, w, t in batches(train)]
+            train_batches = [(model.features(i, m, policy, st).float(), w, t) for i, m, w, t, st in batches(train)]
         model.set_feature_stats(torch.cat([h[w.bool()] for h, w, _ in train_batches]))
     else:
         with torch.no_grad():
-            ids, mask, positions, _ = next(batches(train))
+            ids, mask, positions, _, _ = next(batches(train))
             model.set_feature_stats(model.features(ids, mask)[positions.bool()].float())
     nn.init.constant_(model.head.bias, sum(e.reward for e in train) / len(train))
     if solver == "ridge":
@@ -222,7 +257,7 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
             if frozen:
                 hidden, positions, targets = batch
             else:
-                ids, mask, positions, targets = batch
+                ids, mask, positions, targets, _ = batch
                 hidden = model.features(ids, mask)
             values = model.head_values(hidden)
             loss = 0.5 * (((values - targets[:, None]) ** 2) * positions).sum() / positions.sum()
@@ -305,7 +340,7 @@ def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int,
         chunk = examples[s:s + 16]
         ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
         positions = _response_mask(chunk, ids.shape[1]).bool()
-        values = model.head_values(model.features(ids, mask, policy)).float()
+        values = model.head_values(model.features(ids, mask, policy, response_starts(chunk))).float()
         targets = torch.tensor([e.reward for e in chunk])[:, None].expand_as(values)
         errors.append((values - targets)[positions])
         targets_all.append(targets[positions])
@@ -337,9 +372,9 @@ def _pair_accuracy(examples: list[ValueExample], values: list[torch.Tensor]) -> 
 
 
 def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | None = None,
-                    lora_rank: int = 0, dtype: str = "float32") -> ValueModel:
+                    lora_rank: int = 0, dtype: str = "float32", pooling: str = "last") -> ValueModel:
     if kind == "policy-head":
-        return ValueModel(kind, policy.config.hidden_size, policy_name)
+        return ValueModel(kind, policy.config.hidden_size, policy_name, pooling=pooling)
     from spi.models import load_causal_lm, load_tokenizer
 
     backbone = load_causal_lm(backbone_name, dtype).get_decoder()
