@@ -168,3 +168,46 @@ def test_bad_input_is_one_error_line_before_any_model_loads(plain_run, tmp_path,
     [line] = error_lines(capsys)
     assert expected in line
     assert not out.exists()
+
+
+def test_ifeval_prompts_keep_their_keys_and_feed_a_verifier_reward(plain_run, tmp_path):
+    """IFEval-schema prompts: each line carries the prompt's key; a verifier reward (base-greedy's
+    answer is scored by it) learns the prompts' constraints from the prompt set."""
+    import yaml
+
+    from spi import instruction_tasks
+
+    records = instruction_tasks.generate("heldout", 3, seed=0)
+    prompts = tmp_path / "ifeval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["reward"] = {"kind": "verifier", "variant": "loose"}
+    recipe_file = tmp_path / "tiny-verifier.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", "--prompts", prompts, "--system", "base-greedy", "--workdir", plain_run[0],
+                   "--recipe", recipe_file, "--out", out, "--no-progress") == 0
+    rows = read_rows(out)
+    assert [(r["key"], r["prompt"]) for r in rows] == [(r["key"], r["prompt"]) for r in records]
+    assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_recipe_of_workdir_reads_the_summary(tmp_path):
+    """Without --recipe: the built-in recipe the summary names, if the run used it unchanged."""
+    from spi.config import load_recipe
+    from spi.generate import GenerateError, recipe_of_workdir
+
+    smoke = load_recipe("smoke")
+    (tmp_path / "smoke").mkdir()
+    summary = tmp_path / "smoke" / "summary-x.json"
+    summary.write_text(json.dumps({"recipe": "smoke", "digest": smoke.digest}))
+    assert recipe_of_workdir(tmp_path).digest == smoke.digest
+    summary.write_text(json.dumps({"recipe": "smoke", "digest": "0" * 16}))
+    with pytest.raises(GenerateError, match="other settings"):
+        recipe_of_workdir(tmp_path)
+    summary.write_text(json.dumps({"recipe": "tiny", "digest": "0" * 16}))
+    with pytest.raises(GenerateError, match="not built in"):
+        recipe_of_workdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GenerateError, match="no finished experiment"):
+        recipe_of_workdir(tmp_path / "empty")
