@@ -289,6 +289,7 @@ def cmd_generate(args) -> int:
             prompts, pairs = generate.load_prompts(args.prompts)
             plan = _generate_plan(args, stack)
             generate.check_output(plan, args.out)
+            generate.prepare(plan, prompts)
             if args.batch is not None and args.batch < 1:
                 raise generate.GenerateError(f"--batch must be a positive integer, got {args.batch}")
         except errors as err:
@@ -296,7 +297,6 @@ def cmd_generate(args) -> int:
         print(f"spi generate: {plan.system} ({plan.digest}) from {plan.source} on {len(pairs)} prompts "
               f"of {prompts.name} -> {args.out}", file=sys.stderr)
         try:
-            generate.prepare(plan, prompts)
             counts = generate.generate(plan, pairs, args.out, args.batch, progress=not args.no_progress)
         except errors as err:
             print("finished prompts are kept; rerun the same command to resume", file=sys.stderr)

@@ -202,8 +202,15 @@ def prepare(plan: Plan, prompts) -> None:
     """Whatever decoding these prompts needs beyond the recipe: a verifier reward learns their constraints."""
     from spi import pipeline
 
-    if plan.recipe.reward.kind == "verifier" and prompts.schema == "ifeval":
-        pipeline.load_reward_model(plan.recipe).register(prompts.records)
+    if plan.recipe.reward.kind != "verifier":
+        return
+    reward = pipeline.load_reward_model(plan.recipe)
+    if prompts.schema == "ifeval":
+        reward.register(prompts.records)
+    missing = [text for text in prompts.texts if text not in reward.constraints]
+    if missing:
+        raise GenerateError(f"{prompts.name}: the recipe's verifier reward scores every answer, but {len(missing)} "
+                            f"prompts carry no constraints (first: {missing[0][:60]!r}); give IFEval-schema prompts")
 
 
 def generate(plan: Plan, pairs: list[tuple[str, str | None]], out: str | os.PathLike, batch: int | None = None,

@@ -28,11 +28,22 @@ def plain_run(tmp_path_factory):
     return workdir, eval_set, outputs
 
 
-def generate(out, *extra, system="spi-2", workdir=None, prompts=None, plain_run=None):
+def generate(out, *extra, system="spi-2", workdir=None, prompts=None, recipe=TINY, plain_run=None):
     workdir = workdir or plain_run[0]
     prompts = prompts or plain_run[1]
     return run_cli("generate", "--prompts", prompts, "--system", system, "--workdir", workdir,
-                   "--recipe", TINY, "--out", out, "--no-progress", *extra)
+                   "--recipe", recipe, "--out", out, "--no-progress", *extra)
+
+
+def verifier_recipe(tmp_path) -> Path:
+    """tiny.yaml with the verifier reward (strict/loose IFEval verdicts instead of a classifier)."""
+    import yaml
+
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["reward"] = {"kind": "verifier", "variant": "loose"}
+    path = tmp_path / "tiny-verifier.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -145,6 +156,7 @@ def _bad_prompts(tmp_path):
     ("unknown-system", "unknown system 'spi-two'"),
     ("iteration-not-run", "iteration 3 was never run"),
     ("unfinished-workdir", "no finished iteration 1"),
+    ("verifier-without-constraints", "6 prompts carry no constraints"),
 ])
 def test_bad_input_is_one_error_line_before_any_model_loads(plain_run, tmp_path, capsys, monkeypatch, case, expected):
     from spi import models, pipeline
@@ -162,6 +174,7 @@ def test_bad_input_is_one_error_line_before_any_model_loads(plain_run, tmp_path,
         "unknown-system": {"system": "spi-two"},
         "iteration-not-run": {"system": "spi-3"},
         "unfinished-workdir": {"system": "spi-1", "workdir": empty},
+        "verifier-without-constraints": {"system": "base-greedy", "recipe": verifier_recipe(tmp_path)},
     }[case]
     out = tmp_path / "out.jsonl"
     assert generate(out, plain_run=plain_run, **args) == 2
@@ -173,20 +186,14 @@ def test_bad_input_is_one_error_line_before_any_model_loads(plain_run, tmp_path,
 def test_ifeval_prompts_keep_their_keys_and_feed_a_verifier_reward(plain_run, tmp_path):
     """IFEval-schema prompts: each line carries the prompt's key; a verifier reward (base-greedy's
     answer is scored by it) learns the prompts' constraints from the prompt set."""
-    import yaml
-
     from spi import instruction_tasks
 
     records = instruction_tasks.generate("heldout", 3, seed=0)
     prompts = tmp_path / "ifeval.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["reward"] = {"kind": "verifier", "variant": "loose"}
-    recipe_file = tmp_path / "tiny-verifier.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out.jsonl"
-    assert run_cli("generate", "--prompts", prompts, "--system", "base-greedy", "--workdir", plain_run[0],
-                   "--recipe", recipe_file, "--out", out, "--no-progress") == 0
+    assert generate(out, system="base-greedy", prompts=prompts, recipe=verifier_recipe(tmp_path),
+                    plain_run=plain_run) == 0
     rows = read_rows(out)
     assert [(r["key"], r["prompt"]) for r in rows] == [(r["key"], r["prompt"]) for r in records]
     assert all(isinstance(r["response"], str) for r in rows)
