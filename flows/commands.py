@@ -1,7 +1,9 @@
-"""``spi run`` and ``spi promote`` (mounted by flows/cli.py through :func:`add_commands`).
+"""``spi run``, ``spi promote`` and ``spi generate`` (mounted by flows/cli.py through :func:`add_commands`).
 
     spi run RECIPE [--set section.field=value ...] [--workdir DIR] [--summary-json FILE]
     spi promote NAME [--workdir DIR | --tracking-uri URI] [--margin M] [--metric win_rate] [--stages]
+    spi generate --prompts SOURCE (--system NAME --workdir DIR [--recipe R] | --model models:/NAME@ALIAS)
+                 --out OUT.jsonl     a fitted system answers any prompts (spi.generate); resumable
 
 ``spi run`` runs the experiment flow in this process. With no PREFECT_API_URL set, Prefect uses its
 local temporary API (nothing to start by hand); MLflow and the store default to SQLite files in the
@@ -67,6 +69,29 @@ def add_commands(subparsers) -> None:
     p.add_argument("--metric", default="win_rate", help="version tag compared (default win_rate)")
     p.add_argument("--stages", action="store_true", help="also mirror the deprecated registry stages")
     p.set_defaults(func=cmd_promote)
+    add_generate_command(subparsers)
+
+
+def add_generate_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="decode a prompts file with a fitted system (spi-k of a work directory, or a registered model)",
+        description="Decode every prompt with a system of a finished experiment or a registered guided "
+        "policy; writes {prompt, response, system[, key]} JSON lines. Resumable: a rerun skips the "
+        "prompts already in OUT.",
+    )
+    p.add_argument("--prompts", required=True, help="prompts: a JSON/JSONL file, hub id, generated:SPLIT, ifbench:test")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--system", help="a system of the experiment in --workdir, e.g. spi-3, best-of-n")
+    which.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a guided policy folder")
+    p.add_argument("--workdir", default=None, help="the experiment's work directory (with --system; with "
+                   "--model: where mlflow.db is, default runs)")
+    p.add_argument("--recipe", default=None, help="the recipe the experiment ran (default: the built-in one its summary names)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow registry URI for --model models:/...")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; its .generate.json sidecar records the system)")
+    p.add_argument("--batch", type=int, default=None, help="prompts per written batch (default search.batch_prompts)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -217,6 +242,67 @@ def cmd_promote(args) -> int:
     print(
         f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}"
     )
+    return 0
+
+
+def _generate_plan(args, stack):
+    """The plan of ``spi generate``: from a work directory's stage files or a guided policy folder."""
+    import tempfile
+    from dataclasses import replace
+
+    from spi import generate
+    from spi.config import load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    if args.system:
+        if not args.workdir:
+            raise generate.GenerateError("--system needs --workdir (the experiment's work directory)")
+        recipe = recipe or generate.recipe_of_workdir(Path(args.workdir))
+        return generate.workdir_plan(recipe, args.workdir, args.system)
+    if not args.model.startswith("models:/"):
+        return generate.policy_plan(Path(args.model), recipe)
+    from mlflow_store.registry import load_registered_value_model
+    from mlflow_store.tracking import default_tracking_uri
+
+    ref = args.model.removeprefix("models:/")
+    name, sep, alias = ref.partition("@") if "@" in ref else ref.partition("/")
+    if not (name and sep and alias):
+        raise generate.GenerateError(f"--model {args.model}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    workdir = Path(args.workdir or "runs")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and not (workdir / "mlflow.db").is_file():
+        raise generate.GenerateError(f"no registered model {name!r}: {workdir.resolve() / 'mlflow.db'} does not "
+                                     "exist (pass --workdir or --tracking-uri)")
+    download = stack.enter_context(tempfile.TemporaryDirectory(prefix="spi-generate-"))
+    folder = load_registered_value_model(name, alias, uri or default_tracking_uri(workdir), download)
+    return replace(generate.policy_plan(folder, recipe), source=args.model)
+
+
+def cmd_generate(args) -> int:
+    from contextlib import ExitStack
+
+    from spi import generate
+
+    errors = _bad_input_errors()
+    with ExitStack() as stack:
+        try:  # every check before a model loads: prompts, system, work directory, output
+            prompts, pairs = generate.load_prompts(args.prompts)
+            plan = _generate_plan(args, stack)
+            generate.check_output(plan, args.out)
+            generate.prepare(plan, prompts)
+            if args.batch is not None and args.batch < 1:
+                raise generate.GenerateError(f"--batch must be a positive integer, got {args.batch}")
+        except errors as err:
+            return _error(err)
+        print(f"spi generate: {plan.system} ({plan.digest}) from {plan.source} on {len(pairs)} prompts "
+              f"of {prompts.name} -> {args.out}", file=sys.stderr)
+        try:
+            counts = generate.generate(plan, pairs, args.out, args.batch, progress=not args.no_progress)
+        except errors as err:
+            print("finished prompts are kept; rerun the same command to resume", file=sys.stderr)
+            return _error(err)
+    print(f"{args.out}: {counts['decoded']} prompts decoded, {counts['done']} already there, "
+          f"{counts['total']} in all ({plan.system})")
     return 0
 
 

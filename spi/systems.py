@@ -201,14 +201,16 @@ register(System(
 
 def write_guided_policy(out: Path, system: str, recipe, value_dirs: list) -> Path:
     """The folder the model registry holds for ``system``: ``policy.json`` (the system, the base
-    model, and each value model with its weight and beta) and the value model folders V_1..V_m."""
+    model, each value model with its weight and beta, and the recipe: seed, search and sampling
+    settings) and the value model folders V_1..V_m."""
     weights = value_weights(system, recipe)
     if len(value_dirs) < len(weights):
         raise ValueError(f"{system} needs {len(weights)} value models, got {len(value_dirs)}")
     betas = recipe.iterations.betas
     values = [{"folder": f"V{i}", "weight": weight, "beta": betas[i - 1] if system.startswith("spi-") else None}
               for i, weight in enumerate(weights, 1)]
-    meta = {"system": system, "base_model": recipe.policy.model, "dtype": recipe.policy.dtype, "values": values}
+    meta = {"system": system, "base_model": recipe.policy.model, "dtype": recipe.policy.dtype, "values": values,
+            "recipe": recipe.model_dump(mode="json")}  # seed, search and sampling: how it decodes
 
     def build(folder: Path) -> None:
         for value, source in zip(values, value_dirs, strict=False):
