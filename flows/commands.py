@@ -283,7 +283,7 @@ def cmd_generate(args) -> int:
 
     from spi import generate
 
-    errors = _bad_input_errors()
+    errors = bad_input_errors()
     with ExitStack() as stack:
         try:  # every check before a model loads: prompts, system, work directory, output
             prompts, pairs = generate.load_prompts(args.prompts)
@@ -293,14 +293,14 @@ def cmd_generate(args) -> int:
             if args.batch is not None and args.batch < 1:
                 raise generate.GenerateError(f"--batch must be a positive integer, got {args.batch}")
         except errors as err:
-            return _error(err)
+            return report_error(err)
         print(f"spi generate: {plan.system} ({plan.digest}) from {plan.source} on {len(pairs)} prompts "
               f"of {prompts.name} -> {args.out}", file=sys.stderr)
         try:
             counts = generate.generate(plan, pairs, args.out, args.batch, progress=not args.no_progress)
         except errors as err:
             print("finished prompts are kept; rerun the same command to resume", file=sys.stderr)
-            return _error(err)
+            return report_error(err)
     print(f"{args.out}: {counts['decoded']} prompts decoded, {counts['done']} already there, "
           f"{counts['total']} in all ({plan.system})")
     return 0
