@@ -180,6 +180,30 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_max_length(model_or_config) -> int | None:
+    """The longest sequence a model was built for, read from its config (None when it names none)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for field in LENGTH_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (so token ids can be shared)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
 def _ready(model, device: str):
     """On ``device``, in eval mode, bfloat16 products fast on CPUs without bfloat16 instructions."""
     from spi import bf16_cpu
@@ -221,6 +245,15 @@ class CausalLM:
     @classmethod
     def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> CausalLM:
         return cls(name, load_causal_lm(name, dtype, device), load_tokenizer(name))
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def max_length(self) -> int | None:
+        """Prompt + response tokens the model was built for, from its config."""
+        return model_max_length(self.model)
 
     @property
     def eos_ids(self) -> list[int]:
