@@ -78,7 +78,8 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
     micro = micro_size(batch_size, settings.micro_batch_size, processes)
     device = accelerator.device if accelerator else model.head.weight.device
     loaded_dtype = next(model.backbone.parameters()).dtype
-    _initialise(model, train, pad_id, device, micro, settings.max_length)
+    _initialise(model, train[:batch_size], pad_id, micro, settings.max_length,
+                sum(e.reward for e in train) / len(train))
     if settings.master_dtype == "float32":
         model.float()
     mixed = settings.master_dtype == "float32" and loaded_dtype != torch.float32
@@ -117,19 +118,30 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
     return loss_value
 
 
-def _initialise(model, train, pad_id, device, micro, max_length) -> None:
-    """Feature statistics from the first micro-batch (the same on every process), then the head:
-    the reward model's head when V starts from a reward model, else a zero head at the mean reward."""
+def _initialise(model, first_step, pad_id, micro, max_length, mean_reward) -> None:
+    """Feature statistics over the positions of the first step (in micro-batches; the same whatever the
+    micro-batch and process count), then the head: the reward model's head when V starts from a reward
+    model, else a zero head at the mean reward."""
     with torch.no_grad():
-        ids, mask, positions, _ = batch_tensors(train[:micro], pad_id, model.head.weight.device, max_length)
-        model.set_feature_stats(model.features(ids, mask)[positions.bool()].float())
+        moments = 0
+        for s in range(0, len(first_step), micro):
+            ids, mask, positions, _ = batch_tensors(first_step[s:s + micro], pad_id, model.head.weight.device,
+                                                    max_length)
+            features = model.features(ids, mask)[positions.bool()].double()
+            moments = moments + torch.stack([torch.ones_like(features[0]) * len(features), features.sum(0),
+                                             (features ** 2).sum(0)])
+        count, total, squares = moments
+        mean = total / count
+        variance = (squares - count * mean ** 2) / (count - 1).clamp_min(1)
+        model.feature_mean.copy_(mean.float())
+        model.feature_scale.copy_(variance.clamp_min(0).sqrt().float().clamp_min(1e-4))
         reward_head = getattr(model, "reward_head", None)
         if reward_head is not None:  # w.(h - m)/s' with w' = w s and b' = w.m + b gives w.h + b
             weight, bias = (t.to(model.head.weight.device) for t in reward_head)
             model.head.weight.copy_((weight * model.feature_scale)[None])
             model.head.bias.copy_(weight @ model.feature_mean + bias)
         else:
-            nn.init.constant_(model.head.bias, sum(e.reward for e in train) / len(train))
+            nn.init.constant_(model.head.bias, mean_reward)
 
 
 def _step(wrapped, step, rank, processes, micro, pad_id, device, max_length, autocast, accelerator):
