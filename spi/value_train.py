@@ -85,7 +85,7 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
     mixed = settings.master_dtype == "float32" and loaded_dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=loaded_dtype) if mixed else nullcontext()
     if settings.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     wrapped = accelerator.prepare(model) if accelerator else model
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=learning_rate,
@@ -112,7 +112,7 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
         if progress:
             progress(epoch + 1, epochs, loss_value)
     if settings.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_disable()
+        model.backbone.activation_checkpointing_disable()
     if settings.master_dtype == "float32":
         model.backbone.to(loaded_dtype)
     return loss_value
