@@ -110,3 +110,27 @@ def test_a_value_backbone_with_another_tokenizer_is_refused():
     with pytest.raises(ValueError, match="does not share the policy's tokenizer"):
         new_value_model("backbone", None, "tiny-llama", "tiny-reward", policy_tokenizer=tokenizer,
                         init_from_reward=True)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"kind": "policy-head", "device": "cuda:1"}, "value.device applies to the backbone kind"),
+    ({"kind": "backbone", "backbone": "tiny-llama", "batch_size": 16, "micro_batch_size": 3, "processes": 2},
+     r"value.batch_size \(16\) must be a multiple of value.micro_batch_size \(3\) x value.processes \(2\)"),
+    ({"kind": "policy-head", "processes": 2}, "need value.kind 'backbone'"),
+])
+def test_recipe_refuses_value_settings_that_cannot_run(value, message):
+    from spi.config import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({"name": "x", "value": value})
+
+
+def test_recipe_places_each_model():
+    from spi.config import parse_recipe
+
+    recipe = parse_recipe({"name": "x", "policy": {"device": "cuda:0", "dtype": "bfloat16"},
+                           "reward": {"kind": "hf-classifier", "device": "cuda:1", "dtype": "bfloat16"},
+                           "value": {"kind": "backbone", "backbone": "tiny-llama", "device": "cuda:2",
+                                     "batch_size": 256, "micro_batch_size": 1, "processes": 4}})
+    assert (recipe.reward.device, recipe.value.device, recipe.value.dtype) == ("cuda:1", "cuda:2", None)
+    assert recipe.reward.max_length is None and recipe.value.master_dtype == "float32"
