@@ -33,10 +33,13 @@ class SamplingConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="response length cap in tokens")
 
 
+DTYPE = Literal["float32", "bfloat16", "float16"]
+
+
 class PolicyConfig(Section):
     model: str = Field("smollm2-135m-instruct", description="built-in alias, local folder or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: DTYPE = "float32"
+    device: str = Field("cpu", description="torch device of the policy, e.g. cpu, cuda, cuda:1")
 
 
 class RewardConfig(Section):
@@ -48,6 +51,11 @@ class RewardConfig(Section):
     constraints: tuple[str, ...] = Field(
         (), description="verifier: JSONL files in IFEval's schema whose prompts' constraints are checked "
                         "(prompt records can also be registered in code)")
+    dtype: DTYPE = "float32"
+    device: str | None = Field(None, description="torch device of the reward model; null = the policy's")
+    max_length: int | None = Field(
+        None, ge=1, description="tokens read per (prompt, response); null = the model config's max_position_embeddings"
+    )
 
 
 class ValueConfig(Section):
@@ -68,6 +76,23 @@ class ValueConfig(Section):
     solver: Literal["adam", "ridge"] = Field(
         "adam", description="adam: epochs of AdamW; ridge: exact head, L2 penalty cross-validated over prompts (policy-head)"
     )
+    device: str | None = Field(None, description="backbone kind: torch device of the backbone; null = the policy's")
+    dtype: DTYPE | None = Field(None, description="backbone kind: dtype of the backbone at search time; null = the policy's")
+    max_length: int | None = Field(
+        None, ge=1, description="value-input tokens read in fitting; null = the feature model config's max_position_embeddings"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="examples per forward/backward; batch_size = micro x accumulation x processes; null = no accumulation"
+    )
+    gradient_checkpointing: bool = Field(False, description="backbone kind: recompute activations in backward")
+    master_dtype: Literal["float32", "model"] = Field(
+        "float32", description="backbone kind: float32 master weights under autocast, or train in the loaded dtype"
+    )
+    processes: int = Field(1, ge=1, description="backbone kind: data-parallel processes (accelerate), one per device")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="processes > 1: replicate (DDP) or shard (FSDP)")
+    init_from_reward: bool = Field(
+        False, description="backbone kind: start V_k from the reward model named by value.backbone (IRO)"
+    )
 
     @model_validator(mode="after")
     def _backbone_named(self):
@@ -77,6 +102,14 @@ class ValueConfig(Section):
             raise ValueError(f"value.pooling '{self.pooling}' needs value.kind 'policy-head'")
         if self.solver == "ridge" and self.kind != "policy-head":
             raise ValueError("value.solver 'ridge' needs value.kind 'policy-head'")
+        if self.device is not None and self.kind != "backbone":
+            raise ValueError("value.device applies to the backbone kind: a policy head sits on the policy's device")
+        if (self.processes > 1 or self.init_from_reward) and self.kind != "backbone":
+            raise ValueError("value.processes > 1 and value.init_from_reward need value.kind 'backbone'")
+        micro = self.micro_batch_size or self.batch_size // self.processes
+        if self.batch_size % (micro * self.processes):
+            raise ValueError(f"value.batch_size ({self.batch_size}) must be a multiple of value.micro_batch_size "
+                             f"({micro}) x value.processes ({self.processes})")
         return self
 
 

@@ -12,6 +12,9 @@ Implementations differ only in how they read a row:
 ``score_prefixes`` is the token interface of backends that keep no search state (``spi.vllm_search``):
 whole (prompt, response so far) rows scored from scratch. Guides that cannot score that way
 (``TokenLogProbGuide``: it reads log pi_0 of the sampled token) raise, naming themselves.
+
+Devices: a ``Boundary`` lives on the policy's device. A guide moves what it reads to its own model's
+device and returns its scores on the boundary's device; ``score_prefixes`` returns them on the CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Boundary:
     policy_hidden: torch.Tensor  # [rows, H] policy hidden state at each row's last token
     policy_hidden_mean: torch.Tensor  # [rows, H] mean policy hidden state from the last prompt token on
     last_logprob: torch.Tensor  # [rows] log pi_0 of each row's last token
+
+    @property
+    def device(self) -> torch.device:
+        return self.new_tokens.device
 
 
 @dataclass
@@ -96,7 +103,7 @@ class HeadValueGuide(Guide):
             features = boundary.policy_hidden
             if self.value_model.pooling == "last+mean":
                 features = torch.cat([features, boundary.policy_hidden_mean.to(features.dtype)], -1)
-            return rowwise(self.value_model.head_values, features).float()
+            return rowwise(self.value_model.head_values, features).float().to(boundary.device)
 
     def score_prefixes(self, prefixes):
         if prefixes.policy_model is None:
@@ -120,18 +127,18 @@ class CachedValueGuide(Guide):
 
     def score(self, boundary):
         hidden = self.model.feed(boundary.new_tokens, boundary.new_real)
-        count = boundary.new_real.sum(-1)
+        count = boundary.new_real.to(hidden.device).sum(-1)
         last_index = (count - 1).clamp_min(0)
-        chunk_last = hidden[torch.arange(hidden.shape[0]), last_index]
+        chunk_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         self.last = torch.where((count > 0)[:, None], chunk_last, self.last)
         with self.compute.timed("value_forward"):
             self.compute.value_calls += len(boundary.responses)
-            return rowwise(self.value_model.head_values, self.last).float()
+            return rowwise(self.value_model.head_values, self.last).float().to(boundary.device)
 
     def reorder(self, index):
         super().reorder(index)
         self.model.reorder(index)
-        self.last = self.last[index]
+        self.last = self.last[index.to(self.last.device)]
 
     def score_prefixes(self, prefixes):
         return _score_sequences(self.value_model, prefixes)
@@ -147,7 +154,7 @@ class DecodedTextGuide(Guide):
         self.policy_tokenizer = policy_tokenizer
 
     def score(self, boundary):
-        return self._score(self.instructions, boundary.responses, self.compute)
+        return self._score(self.instructions, boundary.responses, self.compute).to(boundary.device)
 
     def score_prefixes(self, prefixes):
         return self._score(prefixes.instructions, prefixes.responses, prefixes.compute)
@@ -198,30 +205,30 @@ class ImplicitRewardGuide(Guide):
             hidden = inc.prefill(prompt_ids, rows_per_prompt, self.pad_id)
             self.incremental.append(inc)
             self.next_logprobs.append(torch.log_softmax(inc.logits(hidden), -1))
-        self.total = torch.zeros(len(self.instructions))
+        self.total = torch.zeros(len(self.instructions)).to(self.incremental[0].device)
 
     def score(self, boundary):
-        real = boundary.new_real
-        delta = torch.zeros(real.shape)
-        for i, inc in enumerate(self.incremental):
-            hidden = inc.feed(boundary.new_tokens, real)
+        delta = torch.zeros(boundary.new_real.shape).to(self.total.device)
+        for i, inc in enumerate(self.incremental):  # each model on its own device
+            tokens, real = boundary.new_tokens.to(inc.device), boundary.new_real.to(inc.device)
+            hidden = inc.feed(tokens, real)
             logprobs = torch.log_softmax(inc.logits(hidden), -1)
             previous = torch.cat([self.next_logprobs[i][:, None], logprobs[:, :-1]], dim=1)
-            token_lp = previous.gather(-1, boundary.new_tokens[..., None]).squeeze(-1)
-            delta += (1 if i == 0 else -1) * token_lp * real
+            token_lp = previous.gather(-1, tokens[..., None]).squeeze(-1)
+            delta += ((1 if i == 0 else -1) * token_lp * real).to(delta.device)
             count = real.sum(-1)
-            last = logprobs[torch.arange(len(count)), (count - 1).clamp_min(0)]
+            last = logprobs[torch.arange(len(count), device=inc.device), (count - 1).clamp_min(0)]
             self.next_logprobs[i] = torch.where((count > 0)[:, None], last, self.next_logprobs[i])
         self.total = self.total + delta.sum(-1)
         self.compute.value_calls += len(boundary.responses)
-        return self.total.clone()
+        return self.total.to(boundary.device, copy=True)
 
     def reorder(self, index):
         super().reorder(index)
         for i, inc in enumerate(self.incremental):
             inc.reorder(index)
-            self.next_logprobs[i] = self.next_logprobs[i][index]
-        self.total = self.total[index]
+            self.next_logprobs[i] = self.next_logprobs[i][index.to(inc.device)]
+        self.total = self.total[index.to(self.total.device)]
 
     def score_prefixes(self, prefixes):
         total = torch.zeros(len(prefixes.responses))

@@ -3,6 +3,8 @@
 The policy, a separate value backbone and the two models of weak-to-strong search all use this one
 class: prefill the prompts once (left-padded), repeat each prompt's cache for its rows, feed new
 tokens as they are chosen, and reorder rows with the search's selection.
+Everything it keeps (cache, mask, positions) lives on the model's device; tokens and row indices
+arriving from another device are moved there.
 """
 
 from __future__ import annotations
@@ -56,10 +58,8 @@ class IncrementalModel:
 
     def _forward(self, input_ids, attention_mask, position_ids, counted_rows=None) -> torch.Tensor:
         with self.compute.timed(self.part):
-            out = self.decoder(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                position_ids=position_ids.to(self.device), cache=self.cache, use_cache=True,
-            )
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=self.cache, use_cache=True)
         new = attention_mask[:counted_rows, -input_ids.shape[1]:]
         setattr(self.compute, self.counter, getattr(self.compute, self.counter) + int(new.sum()))
         return out.last_hidden_state
@@ -72,6 +72,7 @@ class IncrementalModel:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         self.cache = DynamicCache()
         hidden = self._forward(ids, mask, positions)[:, -1]
@@ -80,13 +81,16 @@ class IncrementalModel:
         with self.compute.timed("cache_reorder"):
             self.cache.batch_repeat_interleave(repeat)
             if self.spare:
-                self.cache.reorder_cache(self._with_spare(torch.arange(self.rows)).to(self.device))
+                self.cache.reorder_cache(self._with_spare(self._arange(self.rows)))
         self.mask = mask.repeat_interleave(repeat, dim=0)
         self.next_position = mask.sum(-1).repeat_interleave(repeat)
         if self.spare:
-            self.mask = self.mask[self._with_spare(torch.arange(self.rows))]
-            self.next_position = self.next_position[self._with_spare(torch.arange(self.rows))]
+            self.mask = self.mask[self._with_spare(self._arange(self.rows))]
+            self.next_position = self.next_position[self._with_spare(self._arange(self.rows))]
         return hidden.repeat_interleave(repeat, dim=0)
+
+    def _arange(self, *bounds) -> torch.Tensor:
+        return torch.arange(*bounds, device=self.device)
 
     def _with_spare(self, index: torch.Tensor) -> torch.Tensor:
         """A row index over the real rows, extended to the spare rows (which copy the last real row)."""
@@ -96,8 +100,9 @@ class IncrementalModel:
 
     def feed(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` [rows, n] (``real`` marks which are not padding); return hidden [rows, n, H]."""
+        tokens, real = tokens.to(self.device), real.to(self.device)
         if self.spare:
-            every = self._with_spare(torch.arange(self.rows))
+            every = self._with_spare(self._arange(self.rows))
             tokens, real = tokens[every], real[every]
         real = real.long()
         positions = self.next_position[:, None] + (real.cumsum(-1) - 1).clamp_min(0)
@@ -112,7 +117,8 @@ class IncrementalModel:
 
     def reorder(self, index: torch.Tensor) -> None:
         with self.compute.timed("cache_reorder"):
-            every = torch.cat([index, torch.arange(self.rows, self.rows + self.spare)]) if self.spare else index
-            self.cache.reorder_cache(every.to(self.device))
+            index = index.to(self.device)
+            every = torch.cat([index, self._arange(self.rows, self.rows + self.spare)]) if self.spare else index
+            self.cache.reorder_cache(every)
             self.mask = self.mask[every]
             self.next_position = self.next_position[every]

@@ -9,6 +9,9 @@ Built-in aliases work with no network:
   weights are drawn wide (std 0.4) so that next-token distributions are peaked like a trained model's
   rather than uniform over 49k tokens.
 - ``tiny-reward``: a random-initialised one-layer BERT sequence classifier with MiniLM's tokenizer.
+- ``random:<shape>[:<layers>]``: a Llama of a named shape (``RANDOM_SHAPES``, e.g. ``llama-3-8b``)
+  initialised at random directly on the requested device and dtype, never saved (benchmarks and the GPU
+  check); ``:<layers>`` keeps that many layers. Its tokenizer is SmolLM2's.
 """
 
 from __future__ import annotations
@@ -127,6 +130,34 @@ BUILTINS = {
 }
 
 
+RANDOM_SHAPES = {
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+}
+
+
+def _random_causal_lm(name: str, dtype: str, device: str):
+    """``random:<shape>[:<layers>]`` built on ``device`` in ``dtype`` with seed 0."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, shape, *layers = name.split(":")
+    if shape not in RANDOM_SHAPES or len(layers) > 1 or (layers and not layers[0].isdigit()):
+        raise ModelNotFoundError(f"model '{name}': use random:<shape>[:<layers>] with a shape in "
+                                 f"{', '.join(sorted(RANDOM_SHAPES))}")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    config = LlamaConfig(**RANDOM_SHAPES[shape], bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if layers:
+        config.num_hidden_layers = int(layers[0])
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+
+
 def resolve(name: str) -> Path | str:
     """Return a local folder for a built-in alias or a folder path, or the hub id unchanged."""
     if name in BUILTINS:
@@ -170,6 +201,8 @@ def _from_pretrained(loader, name: str, **kwargs):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    if name.startswith("random:"):
+        name = "smollm2-135m-instruct"
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,6 +215,30 @@ def torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_max_length(model_or_config) -> int | None:
+    """The longest sequence a model was built for, read from its config (None when it names none)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for field in LENGTH_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (so token ids can be shared)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
 def _ready(model, device: str):
     """On ``device``, in eval mode, bfloat16 products fast on CPUs without bfloat16 instructions."""
     model = model.to(device).eval()
@@ -192,6 +249,8 @@ def _ready(model, device: str):
 def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
+    if name.startswith("random:"):
+        return _ready(_random_causal_lm(name, dtype, device), device)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch_dtype(dtype))
     return _ready(model, device)
 
@@ -221,6 +280,15 @@ class CausalLM:
     @classmethod
     def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> CausalLM:
         return cls(name, load_causal_lm(name, dtype, device), load_tokenizer(name))
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def max_length(self) -> int | None:
+        """Prompt + response tokens the model was built for, from its config."""
+        return model_max_length(self.model)
 
     @property
     def eos_ids(self) -> list[int]:

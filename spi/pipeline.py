@@ -40,6 +40,8 @@ from spi.stagefiles import (
 from spi.stages import WHOLE, stage_key
 from spi.systems import load_extra_models, system_plan
 from spi.value import ValueExample, fit_value, load_value_model, new_value_model
+from spi.value_fit_distributed import fit_value_distributed
+from spi.value_train import train_settings
 
 log = logging.getLogger("spi")
 
@@ -79,12 +81,19 @@ def load_policy(recipe: Recipe) -> CausalLM:
 
 
 @lru_cache(maxsize=4)
-def _reward(config):
-    return load_reward(config)
+def _reward(config, device: str):
+    return load_reward(config, device)
 
 
 def load_reward_model(recipe: Recipe):
-    return _reward(recipe.reward)
+    return _reward(recipe.reward, recipe.policy.device)
+
+
+def load_value_models(recipe: Recipe, value_dirs: list[Path]) -> list:
+    """V_1..V_k on the recipe's devices: heads on the policy's, backbones on value.device (else the policy's)."""
+    value = recipe.value
+    return [load_value_model(d, value.device or recipe.policy.device, value.dtype or recipe.policy.dtype)
+            for d in value_dirs]
 
 
 def train_instructions(recipe: Recipe, iteration: int) -> list[str]:
@@ -100,7 +109,7 @@ def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices
     instructions = train_instructions(recipe, iteration)
     indices = list(range(len(instructions))) if indices is None else list(indices)
     system = rollout_system(iteration)
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs])
+    settings, guide = system_plan(system, recipe, policy, load_value_models(recipe, value_dirs))
     chosen = [instructions[i] for i in indices]
     seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in indices]
     result = backend_for(recipe).search(policy, chosen, seeds, settings, guide, reward_model=None, progress=progress)
@@ -176,13 +185,22 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     policy = load_policy(recipe)
     cfg = recipe.value
     torch.manual_seed(seed_for(recipe.seed, "value", iteration))
-    model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank, recipe.policy.dtype,
-                            cfg.pooling)
     examples = value_examples(rollouts, labels, cfg.fit_on, policy.eos_ids[0])
-    fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
-              cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,
-              solver=cfg.solver)
-    write_folder(out, model.save)
+
+    def fit_into(folder: Path) -> None:
+        if cfg.processes > 1:
+            fit_value_distributed(recipe, examples, policy.tokenizer.pad_token_id, folder,
+                                  seed_for(recipe.seed, "value", iteration))
+            return
+        model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank,
+                                cfg.dtype or recipe.policy.dtype, cfg.device or recipe.policy.device,
+                                policy.tokenizer, cfg.init_from_reward, pooling=cfg.pooling)
+        fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
+                  cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,
+                  solver=cfg.solver, train=train_settings(cfg))
+        model.save(folder)
+
+    write_folder(out, fit_into)
     mark_done(out, key)
     return out
 
@@ -194,7 +212,7 @@ def decode_rows(recipe: Recipe, system: str, value_dirs: list[Path], instruction
     policy = load_policy(recipe)
     indices = list(range(len(instructions))) if indices is None else list(indices)
     w2s_models = w2s_models or load_extra_models(system, recipe)
-    settings, guide = system_plan(system, recipe, policy, [load_value_model(d) for d in value_dirs], reward, w2s_models)
+    settings, guide = system_plan(system, recipe, policy, load_value_models(recipe, value_dirs), reward, w2s_models)
     chosen = [instructions[i] for i in indices]
     seeds = [seed_for(recipe.seed, "eval", i) for i in indices]
     result = backend_for(recipe).search(policy, chosen, seeds, settings, guide, reward_model=reward, progress=progress)

@@ -9,6 +9,8 @@ Backends:
 - ``verifier``: the fraction of a prompt's verifiable constraints (IFEval/IFBench kinds, ``spi.verifiers``)
   that the response follows, strict or loose; the constraints are looked up by prompt text.
 Each has an ``identity``: a digest of everything that changes its scores, for cache keys.
+Each model runs on its own ``device`` in its own ``dtype``; inputs are cut at ``max_length`` tokens,
+by default the model config's own limit (``spi.models.model_max_length``), never a fixed constant.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from spi.models import load_causal_lm, load_encoder, load_sequence_classifier, load_tokenizer
+from spi.models import (
+    load_causal_lm,
+    load_encoder,
+    load_sequence_classifier,
+    load_tokenizer,
+    model_device,
+    model_max_length,
+)
 from spi.prompts import chat_prompt_ids
 
 RUBRIC = (
@@ -44,9 +53,9 @@ class RewardModel:
 
 class LLMJudgeReward(RewardModel):
     def __init__(self, model_name: str, rubric: str = RUBRIC, batch_size: int = 8, dtype: str = "float32",
-                 max_response_tokens: int = 384):
+                 max_response_tokens: int = 384, device: str = "cpu"):
         self.name = f"llm-judge:{model_name}"
-        self.model, self.tokenizer = load_causal_lm(model_name, dtype), load_tokenizer(model_name)
+        self.model, self.tokenizer = load_causal_lm(model_name, dtype, device), load_tokenizer(model_name)
         self.rubric, self.batch_size, self.max_response_tokens = rubric, batch_size, max_response_tokens
         self.yes = self._first_token_ids(["yes", "Yes", " yes", " Yes"])
         self.no = self._first_token_ids(["no", "No", " no", " No"])
@@ -70,6 +79,11 @@ class LLMJudgeReward(RewardModel):
             pad = self.tokenizer.pad_token_id
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            limit = model_max_length(self.model)
+            if limit and width > limit:
+                raise ValueError(f"{self.name}: a judge prompt of {width} tokens exceeds the model's "
+                                 f"{limit}; lower the rubric's max_response_tokens ({self.max_response_tokens})")
+            ids, mask = ids.to(model_device(self.model)), mask.to(model_device(self.model))
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
             logprobs = torch.log_softmax(logits, -1)
@@ -80,9 +94,14 @@ class LLMJudgeReward(RewardModel):
 
 
 class ClassifierReward(RewardModel):
-    def __init__(self, model_name: str, batch_size: int = 8, dtype: str = "float32", max_length: int = 1024):
+    def __init__(self, model_name: str, batch_size: int = 8, dtype: str = "float32", max_length: int | None = None,
+                 device: str = "cpu"):
         self.name = f"hf-classifier:{model_name}"
-        self.model, self.tokenizer = load_sequence_classifier(model_name, dtype), load_tokenizer(model_name)
+        self.model = load_sequence_classifier(model_name, dtype, device)
+        self.tokenizer = load_tokenizer(model_name)
+        max_length = max_length or model_max_length(self.model)
+        if max_length is None:
+            raise ValueError(f"reward model '{model_name}' names no maximum length in its config; set reward.max_length")
         self.batch_size, self.max_length = batch_size, max_length
         self.identity = _identity("hf-classifier", model_name, dtype, max_length)
 
@@ -101,6 +120,7 @@ class ClassifierReward(RewardModel):
         scores = []
         for s in range(0, len(responses), self.batch_size):
             batch = self._encode(instructions[s:s + self.batch_size], responses[s:s + self.batch_size])
+            batch = {k: v.to(model_device(self.model)) for k, v in batch.items()}
             scores += self.model(**batch).logits[:, 0].float().tolist()
         return scores
 
@@ -108,12 +128,13 @@ class ClassifierReward(RewardModel):
 class PreferenceHeadReward(RewardModel):
     """r = w . [mean-pooled embedding of instruction + response] + b, trained Bradley-Terry."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 16):
+    def __init__(self, folder: str | Path, batch_size: int = 16, device: str = "cpu"):
         folder = Path(folder)
         meta = json.loads((folder / "head.json").read_text())
         self.backbone_name = meta["backbone"]
         self.name = f"preference-head:{folder.name}"
-        self.encoder, self.tokenizer = load_encoder(self.backbone_name), load_tokenizer(self.backbone_name)
+        self.encoder = load_encoder(self.backbone_name, device=device)
+        self.tokenizer = load_tokenizer(self.backbone_name)
         weights = load_file(folder / "head.safetensors")
         self.weight, self.bias = weights["weight"], weights["bias"]
         self.batch_size = batch_size
@@ -178,10 +199,11 @@ def embed_pairs(encoder, tokenizer, instructions, responses, batch_size=16, max_
     for s in range(0, len(responses), batch_size):
         batch = tokenizer(instructions[s:s + batch_size], responses[s:s + batch_size], padding=True,
                           truncation=True, max_length=max_length, return_tensors="pt")
+        batch = {k: v.to(model_device(encoder)) for k, v in batch.items()}
         hidden = encoder(**batch).last_hidden_state
         mask = batch["attention_mask"][..., None].float()
         pooled = (hidden * mask).sum(1) / mask.sum(1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -208,19 +230,23 @@ def train_preference_head(instructions, chosen, rejected, backbone: str, out_dir
     return out
 
 
-def load_reward(config, records=()) -> RewardModel:
-    """Build the reward model a ``spi.config.RewardConfig`` names (``records``: verifier prompt records)."""
+def load_reward(config, device: str | None = None, records=()) -> RewardModel:
+    """Build the reward model a ``spi.config.RewardConfig`` names, on ``reward.device`` (else ``device``);
+    ``records``: verifier prompt records registered beside the files of ``reward.constraints``."""
     if config.kind == "verifier":
         from spi.verifiers import read_prompt_records
 
         files = [r for path in config.constraints for r in read_prompt_records(path)]
         return VerifierReward([*files, *records], variant=config.variant)
+    device = getattr(config, "device", None) or device or "cpu"
+    dtype = getattr(config, "dtype", "float32")
     if config.kind == "llm-judge":
-        return LLMJudgeReward(config.model, batch_size=config.batch_size)
+        return LLMJudgeReward(config.model, batch_size=config.batch_size, dtype=dtype, device=device)
     if config.kind == "hf-classifier":
-        return ClassifierReward(config.model, batch_size=config.batch_size)
+        return ClassifierReward(config.model, batch_size=config.batch_size, dtype=dtype,
+                                max_length=getattr(config, "max_length", None), device=device)
     if config.kind == "preference-head":
         if not config.head:
             raise ValueError("reward.head must name a trained head folder when reward.kind is 'preference-head'")
-        return PreferenceHeadReward(config.head, batch_size=config.batch_size)
+        return PreferenceHeadReward(config.head, batch_size=config.batch_size, device=device)
     raise ValueError(f"reward.kind '{config.kind}' is not one of llm-judge, hf-classifier, preference-head, verifier")

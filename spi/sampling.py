@@ -5,6 +5,11 @@ inverting the cumulative distribution of the temperature/top-k/top-p filtered pr
 tokens therefore do not depend on which other rows share its batch, and two routines that give a row
 the same uniforms sample the same tokens.
 
+Devices: the uniforms are drawn by a CPU generator seeded per row (a pure function of the seed, the
+same numbers whatever device decodes) and moved once per batch to the device of the logits; nothing of
+the draw itself touches a device RNG, so a row samples the same tokens on any device up to the logits'
+floats.
+
 Speed: top-p is applied inside the top ``candidates`` logits rather than over the whole vocabulary
 (a full sort of a 49k vocabulary per row dominated decoding). When those candidates hold less than the
 top-p mass (only possible with top-k disabled), the row falls back to the full sort, so the
@@ -42,6 +47,7 @@ def sample_tokens(
     """Sample one token per row of ``logits`` [rows, vocab] using the row's uniform ``u`` [rows]."""
     if temperature == 0:
         return logits.argmax(-1)
+    u = u.to(logits.device)
     scaled = logits.float() / temperature
     vocab = scaled.shape[-1]
     width = min(top_k if top_k > 0 else PREFILTER, vocab)

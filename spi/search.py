@@ -12,6 +12,10 @@ proposal="topk") with the guide log pi + w * r.
 Results do not depend on batch composition, bit for bit in float32: prompts share a batch only with prompts
 of the same padded width (``spi.incremental.padded_width``) and row counts are padded to whole blocks of
 the matrix-multiply kernel, so every row computes the same floats alone or in a batch of any size/order.
+
+Devices: the search state (tokens, lengths, masks, uniforms) lives on the policy's device; guides score
+on their own models' devices and return scores on the policy's. Selection itself runs on the CPU (a few
+numbers per row, read once per boundary).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 from spi.compute import Compute
 from spi.guides import Boundary, Guide
 from spi.incremental import IncrementalModel, padded_width
+from spi.models import model_max_length
 from spi.prompts import chat_prompt_ids
 from spi.sampling import row_uniforms, sample_tokens, topk_candidates
 
@@ -115,7 +120,7 @@ def _select(scores, responses, prompts, settings, seeds, boundary_no, finished=N
             index += group
             changed.append(None)
             continue
-        group_scores = scores[p * rows:(p + 1) * rows]
+        group_scores = scores[p * rows:(p + 1) * rows].cpu()
         if settings.selection == "stochastic":
             generator = torch.Generator().manual_seed(seeds[p] * 1_000_003 + boundary_no)
             gumbel = -torch.log(-torch.log(torch.rand(rows, generator=generator, dtype=torch.float64)))
@@ -138,23 +143,27 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     tokenizer, model = policy.tokenizer, policy.model
     rows, steps = settings.rows, settings.max_new_tokens
     prompts = [chat_prompt_ids(tokenizer, x) for x in instructions]
+    limit = model_max_length(model)
+    if limit and max(len(p) for p in prompts) + steps > limit:
+        raise ValueError(f"sampling.max_new_tokens ({steps}) + the longest prompt ({max(len(p) for p in prompts)} "
+                         f"tokens) exceed the {limit} positions of the policy '{policy.name}' (its config)")
     n = len(prompts) * rows
     pad = tokenizer.pad_token_id
-    eos = torch.tensor(policy.eos_ids)
-    uniforms = torch.cat([row_uniforms(seed, rows, steps) for seed in seeds])
-
     incremental = IncrementalModel(model, compute, "policy_tokens", "policy_forward")
+    device = incremental.device
+    eos = torch.tensor(policy.eos_ids).to(device)
+    uniforms = torch.cat([row_uniforms(seed, rows, steps) for seed in seeds]).to(device)
     hidden = incremental.prefill(prompts, rows, pad)
     logits = incremental.logits(hidden)
     if guide is not None:
         guide.begin(instructions, prompts, rows, compute)
 
-    tokens = torch.full((n, steps), pad, dtype=torch.long)
-    lengths = torch.zeros(n, dtype=torch.long)
-    finished = torch.zeros(n, dtype=torch.bool)
-    last_hidden, last_logprob = hidden, torch.zeros(n)
+    tokens = torch.full((n, steps), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    last_hidden, last_logprob = hidden, torch.zeros(n, device=device)
     # running sum of each row's hidden states from the last prompt token on ("last+mean" value heads)
-    hidden_sum, hidden_count = hidden.float(), torch.ones(n)
+    hidden_sum, hidden_count = hidden.float(), torch.ones(n).to(device)
     scored_upto = 0  # response position up to which the guide has seen tokens
     kept_scores = None  # the guide's scores of the rows kept at the last boundary
     boundaries = [0] * len(prompts)
@@ -165,7 +174,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     def boundary(t):
         nonlocal scored_upto
         new = tokens[:, scored_upto:t + 1]
-        position = torch.arange(scored_upto, t + 1)[None, :]
+        position = torch.arange(scored_upto, t + 1, device=device)[None, :]
         scored_upto = t + 1
         # built only if a guide reads them (text-based guides); cache-based guides never do
         mean = hidden_sum / hidden_count[:, None]
@@ -177,7 +186,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             if settings.ignore_eos:
                 logits[:, eos] = float("-inf")
             if settings.proposal == "topk":
-                slot = torch.arange(n) % settings.successors
+                slot = torch.arange(n, device=device) % settings.successors
                 chosen = topk_candidates(logits, settings.successors).gather(-1, slot[:, None]).squeeze(-1)
             else:
                 chosen = sample_tokens(logits, uniforms[:, t], settings.temperature, settings.top_k, settings.top_p)
@@ -203,6 +212,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             with compute.timed("selection"):
                 keys = _row_keys(tokens, lengths) if settings.selection == "diverse" else None
                 index, changed = _select(scores, keys, len(prompts), settings, seeds, t, finished)
+                index = index.to(device)
             for p, was_changed in enumerate(changed):
                 if was_changed is not None:
                     boundaries[p] += 1

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,8 +71,19 @@ class ValueModel(nn.Module):
         self.report: FitReport | None = None
 
     def head_values(self, hidden: torch.Tensor) -> torch.Tensor:
-        standard = (hidden.to(self.head.weight.dtype) - self.feature_mean) / self.feature_scale
+        """Values on the head's device (the hidden states are moved there)."""
+        standard = (hidden.to(self.head.weight.device, self.head.weight.dtype) - self.feature_mean) / self.feature_scale
         return self.head(standard).squeeze(-1)
+
+    def max_length(self, policy=None) -> int | None:
+        """Tokens the feature model was built for (its config), None when it names no limit."""
+        from spi.models import model_max_length
+
+        return model_max_length(self.backbone if self.kind == "backbone" else policy)
+
+    def forward(self, input_ids, attention_mask, policy=None, starts=None) -> torch.Tensor:
+        """V at every position [B, T] (the call that data-parallel engines wrap)."""
+        return self.head_values(self.features(input_ids, attention_mask, policy, starts))
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -83,22 +93,27 @@ class ValueModel(nn.Module):
 
     def features(self, input_ids, attention_mask, policy=None, starts=None) -> torch.Tensor:
         """What the head reads at every position, [B, T, F]: the hidden states of the backbone or the
-        policy, with "last+mean" pooling their running mean from position ``starts[b]`` (the last prompt
-        token) on."""
+        policy (on that model's device), with "last+mean" pooling their running mean from position
+        ``starts[b]`` (the last prompt token) on."""
+        from spi.models import model_device
+
         model = self.backbone if self.kind == "backbone" else policy.get_decoder()
+        device = model_device(model)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
         if self.pooling == "last":
             return hidden
         if starts is None:
             raise ValueError("'last+mean' value features need the response start of every sequence")
-        return torch.cat([hidden, running_mean(hidden, torch.as_tensor(starts, device=hidden.device))], -1)
+        return torch.cat([hidden, running_mean(hidden, torch.tensor(list(starts)).to(hidden.device))], -1)
 
     def score_sequences(self, sequences: list[list[int]], pad_id: int, policy=None, starts=None) -> torch.Tensor:
         """Value at the last token of each sequence (right-padded batch, no cache)."""
-        ids, mask = (t.to(self.head.weight.device) for t in pad_right(sequences, pad_id))
+        ids, mask = pad_right(sequences, pad_id)
         hidden = self.features(ids, mask, policy, starts)
-        last = hidden[torch.arange(len(sequences), device=ids.device), mask.sum(-1) - 1]
+        mask = mask.to(hidden.device)
+        last = hidden[torch.arange(len(sequences), device=hidden.device), mask.sum(-1) - 1]
         return self.head_values(last)
 
     def save(self, folder: str | Path) -> Path:
@@ -127,7 +142,9 @@ def _checksums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
+def load_value_model(folder: str | Path, device: str = "cpu", dtype: str | None = None) -> ValueModel:
+    """A saved value model on ``device``; ``dtype`` casts a backbone (None: as saved). A policy-head
+    model must go to its policy's device, since it reads the policy's hidden states."""
     folder = Path(folder)
     meta_path = folder / "value.json"
     if not meta_path.exists():
@@ -141,7 +158,10 @@ def load_value_model(folder: str | Path, device: str = "cpu") -> ValueModel:
     if meta["kind"] == "backbone":
         from transformers import AutoModel, AutoTokenizer
 
-        backbone = AutoModel.from_pretrained(str(folder / "backbone")).to(device).eval()
+        from spi.models import torch_dtype
+
+        kwargs = {"dtype": torch_dtype(dtype)} if dtype else {}
+        backbone = AutoModel.from_pretrained(str(folder / "backbone"), **kwargs).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "backbone"))
     model = ValueModel(meta["kind"], meta["hidden_size"], meta["policy"], backbone, tokenizer, meta["backbone"],
                        meta.get("pooling", "last"))
@@ -196,69 +216,59 @@ def _response_mask(examples: list[ValueExample], width: int) -> torch.Tensor:
 
 def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, epochs: int = 10,
               learning_rate: float = 1e-3, batch_size: int = 16, weight_decay: float = 0.0,
-              holdout_fraction: float = 0.2, seed: int = 0, progress=None, solver: str = "adam") -> FitReport:
+              holdout_fraction: float = 0.2, seed: int = 0, progress=None, solver: str = "adam",
+              train=None) -> FitReport:
     """loss = 0.5 * mean over examples and response positions of (V(x, y_<t) - r(x, y))^2.
 
     solver "ridge" (head on frozen policy features only): the exact least-squares head with an L2
     penalty chosen by cross-validation over prompt groups, instead of ``epochs`` of AdamW.
+    ``train`` (``spi.value_train.TrainSettings``): how the backbone kind trains (micro-batches,
+    master weights, checkpointing, maximum length, data-parallel processes); ``batch_size`` is the
+    effective batch of one optimizer step over all processes.
     """
     import time
 
-    from spi.prompts import value_input_ids
+    from spi.value_train import TrainSettings, batch_tensors, train_backbone
 
     start = time.perf_counter()
+    train = train or TrainSettings()
     groups = sorted({ex.group for ex in examples})
     random.Random(seed).shuffle(groups)
     held = set(groups[:int(len(groups) * holdout_fraction)]) if len(groups) > 1 else set()
-    train = [ex for ex in examples if ex.group not in held]
+    fit_set = [ex for ex in examples if ex.group not in held]
     holdout = [ex for ex in examples if ex.group in held]
-    if not train:
+    if not fit_set:
         raise ValueError("no training examples for the value fit")
+    if solver == "ridge" and model.kind != "policy-head":
+        raise ValueError("value.solver 'ridge' needs value.kind 'policy-head' (frozen features)")
+    device = model.head.weight.device
+    limit = train.max_length or model.max_length(policy)
+    if model.kind != "policy-head":
+        loss_value = train_backbone(model, fit_set, pad_id, epochs=epochs, learning_rate=learning_rate,
+                                    batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+                                    progress=progress, settings=replace(train, max_length=limit))
+        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit)
 
-    def batches(items, shuffle_seed=None):
-        order = list(range(len(items)))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(order)
-        for s in range(0, len(order), batch_size):
-            chunk = [items[i] for i in order[s:s + batch_size]]
-            ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
-            targets = torch.tensor([e.reward for e in chunk])
-            yield ids, mask, _response_mask(chunk, ids.shape[1]), targets, response_starts(chunk)
-
-    # The head-only kind trains on frozen features: compute them once.
-    frozen = model.kind == "policy-head"
-    if frozen:
-        with torch.no_grad():
-            train_batches = [(model.features(i, m, policy, st).float(), w, t) for i, m, w, t, st in batches(train)]
-        model.set_feature_stats(torch.cat([h[w.bool()] for h, w, _ in train_batches]))
-    else:
-        with torch.no_grad():
-            ids, mask, positions, _, _ = next(batches(train))
-            model.set_feature_stats(model.features(ids, mask)[positions.bool()].float())
-    nn.init.constant_(model.head.bias, sum(e.reward for e in train) / len(train))
+    # The head-only kind trains on frozen features: compute them once (on the policy's device).
+    with torch.no_grad():
+        train_batches = []
+        for s in range(0, len(fit_set), batch_size):
+            chunk = fit_set[s:s + batch_size]
+            ids, mask, positions, targets = batch_tensors(chunk, pad_id, device, limit)
+            train_batches.append((model.features(ids, mask, policy, response_starts(chunk)).float(), positions, targets))
+    model.set_feature_stats(torch.cat([h[w.bool()] for h, w, _ in train_batches]))
+    nn.init.constant_(model.head.bias, sum(e.reward for e in fit_set) / len(fit_set))
     if solver == "ridge":
-        if not frozen:
-            raise ValueError("value.solver 'ridge' needs value.kind 'policy-head' (frozen features)")
-        penalty, loss_value = _fit_ridge_head(model, train_batches, [ex.group for ex in train], seed)
-        return _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty)
-    trainable = [p for p in model.parameters() if p.requires_grad] if not frozen else list(model.head.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+        penalty, loss_value = _fit_ridge_head(model, train_batches, [ex.group for ex in fit_set], seed)
+        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, penalty, limit)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * len(train_batches)))
     model.train()
     loss_value = float("nan")
     for epoch in range(epochs):
-        epoch_batches = (
-            [train_batches[i] for i in random.Random(seed + epoch).sample(range(len(train_batches)), len(train_batches))]
-            if frozen else batches(train, seed + epoch)
-        )
+        order = random.Random(seed + epoch).sample(range(len(train_batches)), len(train_batches))
         total, weight = 0.0, 0.0
-        for batch in epoch_batches:
-            if frozen:
-                hidden, positions, targets = batch
-            else:
-                ids, mask, positions, targets, _ = batch
-                hidden = model.features(ids, mask)
+        for hidden, positions, targets in (train_batches[i] for i in order):
             values = model.head_values(hidden)
             loss = 0.5 * (((values - targets[:, None]) ** 2) * positions).sum() / positions.sum()
             optimizer.zero_grad()
@@ -270,15 +280,16 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
         loss_value = total / weight
         if progress:
             progress(epoch + 1, epochs, loss_value)
-    return _finish(model, holdout, pad_id, policy, train, loss_value, start)
+    return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit)
 
 
-def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=None) -> FitReport:
+def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=None, max_length=None) -> FitReport:
     import time
 
     model.eval()
     nan = float("nan")
-    mse, explained, pairs = evaluate_value(model, holdout, pad_id, policy, pairs=True) if holdout else (nan, nan, nan)
+    mse, explained, pairs = (evaluate_value(model, holdout, pad_id, policy, pairs=True, max_length=max_length)
+                             if holdout else (nan, nan, nan))
     model.report = FitReport(len(train), int(sum(len(e.response_ids) + 1 for e in train)), loss_value,
                              len(holdout), mse, explained, time.perf_counter() - start, pairs, penalty)
     return model.report
@@ -305,12 +316,12 @@ def _fit_ridge_head(model: ValueModel, batches, groups: list[str], seed: int, fo
     names = sorted(set(owner))
     random.Random(seed).shuffle(names)
     fold_of = {g: i % folds for i, g in enumerate(names)}
-    fold = torch.tensor([fold_of[g] for g in owner])
+    fold = torch.tensor([fold_of[g] for g in owner]).to(x.device)
 
     def solve(xs, ys, penalty):
         mean_x, mean_y = xs.mean(0), ys.mean()
         xc = xs - mean_x
-        gram = xc.T @ xc + penalty * len(ys) * torch.eye(xs.shape[1], dtype=xs.dtype) / xs.shape[1]
+        gram = xc.T @ xc + penalty * len(ys) * torch.eye(xs.shape[1], dtype=xs.dtype, device=xs.device) / xs.shape[1]
         weight = torch.linalg.solve(gram, xc.T @ (ys - mean_y))
         return weight, mean_y - mean_x @ weight
 
@@ -330,18 +341,19 @@ def _fit_ridge_head(model: ValueModel, batches, groups: list[str], seed: int, fo
 
 
 @torch.inference_mode()
-def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, pairs: bool = False):
+def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, pairs: bool = False,
+                   max_length: int | None = None):
     """Mean squared error and explained variance of V over all response positions of ``examples``
     (and, with ``pairs``, the within-prompt pair accuracy of ``FitReport``)."""
-    from spi.prompts import value_input_ids
+    from spi.value_train import batch_tensors
 
     errors, targets_all, per_example = [], [], []
     for s in range(0, len(examples), 16):
         chunk = examples[s:s + 16]
-        ids, mask = pad_right([value_input_ids(e.prompt_ids, e.response_ids) for e in chunk], pad_id)
-        positions = _response_mask(chunk, ids.shape[1]).bool()
-        values = model.head_values(model.features(ids, mask, policy, response_starts(chunk))).float()
-        targets = torch.tensor([e.reward for e in chunk])[:, None].expand_as(values)
+        ids, mask, positions, targets = batch_tensors(chunk, pad_id, model.head.weight.device, max_length)
+        positions = positions.bool()
+        values = model(ids, mask, policy, response_starts(chunk)).float()
+        targets = targets[:, None].expand_as(values)
         errors.append((values - targets)[positions])
         targets_all.append(targets[positions])
         per_example += [values[i][positions[i]] for i in range(len(chunk))]
@@ -372,12 +384,40 @@ def _pair_accuracy(examples: list[ValueExample], values: list[torch.Tensor]) -> 
 
 
 def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | None = None,
-                    lora_rank: int = 0, dtype: str = "float32", pooling: str = "last") -> ValueModel:
-    if kind == "policy-head":
-        return ValueModel(kind, policy.config.hidden_size, policy_name, pooling=pooling)
-    from spi.models import load_causal_lm, load_tokenizer
+                    lora_rank: int = 0, dtype: str = "float32", device: str | None = None,
+                    policy_tokenizer=None, init_from_reward: bool = False, pooling: str = "last") -> ValueModel:
+    """A fresh value model. The policy-head kind sits on the policy's device and reads its states with
+    ``pooling``; a backbone is loaded in
+    ``dtype`` on ``device`` (None: the CPU). ``init_from_reward``: the backbone and the head come from
+    the sequence-classification reward model ``backbone_name`` (IRO initialises V_k so), the head set so
+    that V equals the reward model's score at every position before the fit. A backbone whose tokenizer
+    differs from ``policy_tokenizer`` is refused: the search feeds it the policy's token ids."""
+    from spi.models import model_device
 
-    backbone = load_causal_lm(backbone_name, dtype).get_decoder()
+    if kind == "policy-head":
+        return ValueModel(kind, policy.config.hidden_size, policy_name, pooling=pooling).to(model_device(policy))
+    from spi.models import load_causal_lm, load_sequence_classifier, load_tokenizer, same_tokenizer
+
+    tokenizer = load_tokenizer(backbone_name)
+    if policy_tokenizer is not None and not same_tokenizer(tokenizer, policy_tokenizer):
+        raise ValueError(
+            f"value.backbone '{backbone_name}' does not share the policy's tokenizer ('{policy_name}'): a "
+            "backbone value model reads the policy's token ids (its KV cache is fed the sampled tokens), "
+            "so its vocabulary must be the policy's. Choose a backbone (or reward model, with "
+            "value.init_from_reward) of the policy's family, or use value.kind 'policy-head'."
+        )
+    reward_head = None
+    if init_from_reward:
+        scorer = load_sequence_classifier(backbone_name, dtype, device or "cpu")
+        score = getattr(scorer, "score", None)
+        if not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise ValueError(f"value.init_from_reward: '{backbone_name}' has no one-logit 'score' head on its "
+                             "last hidden state (a decoder reward model such as a Llama/Mistral RM is needed)")
+        backbone = getattr(scorer, scorer.base_model_prefix)
+        bias = score.bias.detach().float() if score.bias is not None else torch.zeros(1)
+        reward_head = (score.weight.detach().float()[0], bias)
+    else:
+        backbone = load_causal_lm(backbone_name, dtype, device or "cpu").get_decoder()
     if lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -385,6 +425,6 @@ def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | No
                                                        target_modules=["q_proj", "v_proj"]))
     for p in backbone.parameters():
         p.requires_grad_(lora_rank == 0 or p.requires_grad)
-    model = ValueModel(kind, backbone.config.hidden_size, policy_name, backbone.train(),
-                       load_tokenizer(backbone_name), backbone_name)
-    return model
+    model = ValueModel(kind, backbone.config.hidden_size, policy_name, backbone.train(), tokenizer, backbone_name)
+    model.reward_head = reward_head
+    return model.to(model_device(backbone))

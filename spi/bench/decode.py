@@ -63,6 +63,7 @@ class DecodeBenchConfig:
     batching_rows: int = 1
     matmul_size: int = 1024
     seed: int = 0
+    device: str = "cpu"  # every model of every arm goes there
 
     @property
     def rows(self) -> int:
@@ -98,20 +99,23 @@ def sampled_peak_rss(out: dict, period: float = 0.002):
         out["peak"] = max(out["peak"], rss_mb())
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 3, device: str = "cpu") -> float:
     """Best-of-``repeats`` GFLOP/s of one size^3 matrix multiply at the current thread count, through the
     kernel the models' linear layers use (for bfloat16 on CPUs without its instructions: float32 GEMMs)."""
     from spi import bf16_cpu
 
-    layer = torch.nn.Linear(size, size, bias=False).to(dtype)
+    layer = torch.nn.Linear(size, size, bias=False).to(device, dtype)
     bf16_cpu.adapt(layer)
-    x = torch.randn(size, size).to(dtype)
+    x = torch.randn(size, size).to(device, dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = float("inf")
     with torch.no_grad():
         layer(x)
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             layer(x)
+            sync()
             best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -163,7 +167,7 @@ class Arms:
         from spi.search import SearchSettings
 
         self.config, c = config, config
-        self.policy = CausalLM.load(c.model, c.dtype)
+        self.policy = CausalLM.load(c.model, c.dtype, c.device)
         self.instructions = load_instructions("builtin:train", 0, c.prompts)
         self.seeds = [c.seed * 1000 + i for i in range(c.prompts)]
         self.plain = SearchSettings(width=1, successors=c.rows, chunk_length=None, max_new_tokens=c.tokens,
@@ -176,7 +180,7 @@ class Arms:
         if "best_of_n" in arms:
             from spi.reward import ClassifierReward
 
-            self.reward = ClassifierReward(c.reward, dtype=c.dtype)
+            self.reward = ClassifierReward(c.reward, dtype=c.dtype, device=c.device)
         if "cbs_head" in arms:
             from spi.value import new_value_model
 
@@ -186,13 +190,14 @@ class Arms:
             from spi.value import new_value_model
 
             self.backbone = new_value_model("backbone", self.policy.model, self.policy.name,
-                                            backbone_name=c.value_backbone or c.model, dtype=c.dtype)
+                                            backbone_name=c.value_backbone or c.model, dtype=c.dtype,
+                                            device=c.device)
             self.backbone = _random_head(self.backbone, c.seed + 1).eval()
             self.value_params = unique_params(self.backbone.backbone)
         if "weak_to_strong" in arms:
             from spi.models import load_causal_lm
 
-            self.w2s = (load_causal_lm(c.w2s_tuned, c.dtype), load_causal_lm(c.w2s_untuned, c.dtype))
+            self.w2s = (load_causal_lm(c.w2s_tuned, c.dtype, c.device), load_causal_lm(c.w2s_untuned, c.dtype, c.device))
 
     def guide(self, name):
         from spi.guides import CachedValueGuide, ImplicitRewardGuide, ReencodeValueGuide
@@ -247,8 +252,8 @@ class Arms:
         prompts = [chat_prompt_ids(tokenizer, x) for x in instructions]
         width = max(len(p) for p in prompts)
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts]).to(self.policy.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).to(self.policy.device)
         timer = ForwardTimer(model)
         torch.manual_seed(c.seed)
         start, cpu = time.perf_counter(), time.process_time()
@@ -294,8 +299,9 @@ def run_decode_bench(config: DecodeBenchConfig, log=print) -> dict:
         arms.insert(0, "sampling")
     dtype = torch.float32 if config.dtype == "float32" else getattr(torch, config.dtype)
     log(f"matmul peak ({config.matmul_size}^3, {config.dtype}, {config.threads} threads) ...")
-    peak = matmul_peak_gflops(dtype, config.matmul_size)
-    peak_f32 = peak if dtype == torch.float32 else matmul_peak_gflops(torch.float32, config.matmul_size)
+    peak = matmul_peak_gflops(dtype, config.matmul_size, device=config.device)
+    peak_f32 = peak if dtype == torch.float32 else matmul_peak_gflops(torch.float32, config.matmul_size,
+                                                                      device=config.device)
     log(f"  {peak:.1f} GFLOP/s" + ("" if dtype == torch.float32 else f" (float32: {peak_f32:.1f})"))
     bench = Arms(config, arms)
     runs: dict[str, list[dict]] = {a: [] for a in arms}

@@ -14,7 +14,9 @@ TINY = Path(__file__).resolve().parents[1] / "flows" / "tiny.yaml"
 SPECIAL = {"baselines.names": ["args"], "value.kind": "backbone", "value.solver": "ridge", "iterations.count": 1,
            "reward.constraints": ["prompts.jsonl"]}
 # set beside the field so the changed recipe stays valid (the other field's own change is tested alone)
-COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"}}
+BACKBONE = {"kind": "backbone", "backbone": "tiny-llama", "solver": "adam"}
+COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"}, "value.device": BACKBONE,
+             "value.processes": BACKBONE, "value.init_from_reward": BACKBONE}
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:
