@@ -54,7 +54,7 @@ class Rollout(RunSystemIteration, Base):
     __tablename__ = "rollouts"
     prompt_key: Mapped[str] = mapped_column(String(256), primary_key=True)
     row_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    rollout_key: Mapped[str] = mapped_column(String(64), unique=True)  # digest of the natural key (rollout_key())
+    rollout_key: Mapped[str] = mapped_column(String(64), unique=True)  # rollout_key() of the natural key
     text: Mapped[str] = mapped_column(Text)
     n_tokens: Mapped[int] = mapped_column(Integer)
 

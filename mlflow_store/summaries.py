@@ -12,7 +12,9 @@ from sqlalchemy.engine import Engine
 from mlflow_store.schema import Generation, Judgement, Reward, Rollout
 
 
-def compare_runs(engine: Engine, judge: str | None = None, run_keys: Sequence[str] | None = None) -> list[dict]:
+def compare_runs(
+    engine: Engine, judge: str | None = None, run_keys: Sequence[str] | None = None
+) -> list[dict]:
     """Per (run_key, system, iteration) over generations: n, mean_reward, win_rate (100 * mean
     preference - 1 by ``judge``, over judged outputs), n_judged, mean/total policy tokens.
 
@@ -67,6 +69,7 @@ def compare_runs(engine: Engine, judge: str | None = None, run_keys: Sequence[st
             out.append(row)
         return out
 
+
 def rollout_summary(engine: Engine, reward_model: str, run_keys: Sequence[str] | None = None) -> list[dict]:
     """Per (run_key, system, iteration) over rollout leaves scored by ``reward_model``: n_leaves,
     n_prompts, mean_reward, mean_best_reward (best leaf per prompt, as SPI's labelling keeps),
@@ -111,9 +114,7 @@ def rollout_summary(engine: Engine, reward_model: str, run_keys: Sequence[str] |
     )
     stmt = (
         select(leaves, prompts.c.n_prompts, prompts.c.mean_best_reward)
-        .join(
-            prompts, and_(*(a == b for a, b in zip(per_group(leaves), per_group(prompts), strict=True)))
-        )
+        .join(prompts, and_(*(a == b for a, b in zip(per_group(leaves), per_group(prompts), strict=True))))
         .order_by(*per_group(leaves))
     )
     with engine.connect() as conn:
