@@ -4,7 +4,6 @@ with GPT-4-turbo on models AND instructions it was not trained on, against a len
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,9 @@ from evaluation.trained_judge import (
     split_models_and_instructions,
     train_judge,
 )
+from tests.evaluation.alpaca_data import DATA, needs
 
-DATA = Path(os.environ.get("SPI_ALPACA_DATA") or Path(__file__).resolve().parents[2].parent / "shared/data/alpaca_eval")
-needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
-                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_data = needs("preferences")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
