@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from spi.stagefiles import tree_digest
+
 
 @runtime_checkable
 class Judge(Protocol):
@@ -292,13 +294,8 @@ def _check_trained(kwargs: dict) -> None:
 
 
 def _folder_version(folder: Path) -> str:
-    """Digest of a judge folder's files (names and bytes), or 'untrained' when there is none."""
-    if not folder.is_dir():
-        return "untrained"
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
+    """A judge folder's tree_digest (names and bytes of its files, 16 hex), or 'untrained' when there is none."""
+    return tree_digest(folder)[:16] if folder.is_dir() else "untrained"
 
 
 @register_judge(

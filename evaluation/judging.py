@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evaluation.judges import DEFAULT_LOCAL_JUDGE, Judge, JudgeSpecError, digest_parts
+from spi.stagefiles import write_folder
 
 log = logging.getLogger("evaluation.judging")
 
@@ -186,22 +187,21 @@ def ensure_local_judge(
     eval_set = load_eval_set(data / "eval_set.jsonl")
     indices = [e["index"] for e in subset(eval_set, n_instructions)]
     log.info("training local judge %s on %s (%d instructions)", name, data, len(indices))
-    tmp = folder.with_name(folder.name + ".partial")
-    judge = train_judge(
-        eval_set,
-        data / "outputs",
-        data / "preferences",
-        tmp,
-        backbone=backbone,
-        indices=indices,
-        embed_cache_dir=default_embed_cache(),
-    )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():
-        import shutil
+    judge = None
 
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    def build(tmp: Path) -> None:
+        nonlocal judge
+        judge = train_judge(
+            eval_set,
+            data / "outputs",
+            data / "preferences",
+            tmp,
+            backbone=backbone,
+            indices=indices,
+            embed_cache_dir=default_embed_cache(),
+        )
+
+    write_folder(folder, build)
     log.info("local judge %s: %s, %d pairs, saved to %s", name, judge.identity, judge.meta["n_pairs"], folder)
     return folder
 

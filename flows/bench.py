@@ -1,6 +1,7 @@
-"""`spi bench decode | fit | flow | shards`: decoding, value-fitting, orchestration and sharding benchmarks.
+"""`spi bench decode | fit | bf16 | flow | shards`: decoding, value-fitting, bfloat16-kernel, orchestration
+and sharding benchmarks.
 
-The decode and fit benchmarks live in spi.bench (plain library code); this module parses arguments,
+The decode, fit and bf16 benchmarks live in spi.bench (plain library code); this module parses arguments,
 prints the table and writes the JSON. `bench flow` needs Prefect and MLflow and `bench shards` a Dask
 cluster, so they live here.
 """
@@ -57,6 +58,15 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_bf16(args) -> int:
+    from spi.bench import bf16
+
+    result = bf16.run(args)
+    print(bf16.format_result(result))
+    _write(result, args.out)
+    return 0
+
+
 def run_flow_bench(recipe: str, threads: int = 1, workdir: str | None = None, log=_log,
                    overrides: dict | None = None, repeats: int = 1, burn_in: int = 1) -> dict:
     """Wall time of an experiment through the Prefect flow (with MLflow, the store and the registry)
@@ -79,12 +89,12 @@ def run_flow_bench(recipe: str, threads: int = 1, workdir: str | None = None, lo
     from flows.experiment import run_plain, spi_experiment
 
     root = Path(workdir or tempfile.mkdtemp(prefix="spi-bench-flow-"))
+    from spi.bench.measure import machine, now
     from spi.config import load_recipe
 
     r = load_recipe(recipe, overrides or None)
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "recipe": recipe, "overrides": overrides or {},
-                 "machine": {"cores": os.cpu_count(), "threads": threads, "dtype": r.policy.dtype,
-                             "torch": torch.__version__},
+    out: dict = {"date": now(), "recipe": recipe, "overrides": overrides or {},
+                 "machine": machine(threads, r.policy.dtype),
                  "repeats": repeats, "burn_in": burn_in, "workdir": str(root)}
 
     log("warm-up: Prefect API " + (os.environ.get("PREFECT_API_URL") or "(a temporary server, started now)")
@@ -272,7 +282,7 @@ def _overrides(items):
 
 
 def add_commands(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="decoding, value-fitting and orchestration benchmarks")
+    bench = subparsers.add_parser("bench", help="decoding, value-fitting, bfloat16-kernel and orchestration benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     d = sub.add_parser("decode", help="every decoding arm side by side: tokens/s, ratios, breakdown, peak RSS")
@@ -313,6 +323,13 @@ def add_commands(subparsers) -> None:
     f.add_argument("--kinds", default="policy-head,backbone")
     f.add_argument("--out", default=None)
     f.set_defaults(func=cmd_fit)
+
+    b = sub.add_parser("bf16", help="bfloat16 forward on the CPU: PyTorch's kernel vs float32 GEMMs")
+    from spi.bench.bf16 import add_arguments
+
+    add_arguments(b)
+    b.add_argument("--out", default=None, help="write the JSON here")
+    b.set_defaults(func=cmd_bf16)
 
     w = sub.add_parser("flow", help="orchestration overhead: the Prefect flow with MLflow vs the same stages as plain calls")
     w.add_argument("--recipe", default="smoke")

@@ -2,7 +2,7 @@
 
     spi run RECIPE            the experiment flow (flows.commands)
     spi eval ...              AlpacaEval scoring, judges (evaluation.cli)
-    spi bench ...             decoding, fitting and orchestration benchmarks (flows.bench)
+    spi bench ...             decoding, fitting, bf16-kernel and orchestration benchmarks (flows.bench)
     spi up | down | status    the local services (flows.stack.commands)
 """
 

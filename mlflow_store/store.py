@@ -4,39 +4,44 @@ Every table's primary key is its natural key, so every bulk insert is idempotent
 or upsert on request) on SQLite and PostgreSQL alike, and a rerun finds what is already done.
 SQLite by default (``sqlite:///<workdir>/store.db``), PostgreSQL by URL
 (``postgresql+psycopg://user@host:5432/db``). The schema is versioned: ``Store`` brings an older
-database up to ``SCHEMA_VERSION`` through the ``MIGRATIONS`` list, keeping its rows.
+database up to ``SCHEMA_VERSION`` through the ``MIGRATIONS`` list, keeping its rows. The tables and
+migrations live in mlflow_store.schema, the SQL summaries (compare_runs, rollout_summary) in
+mlflow_store.summaries; their public names are importable from here too.
 
 Pass the URL between tasks, not a Store object.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import (
-    Float,
-    Integer,
-    String,
-    Text,
-    and_,
-    create_engine,
-    event,
-    func,
-    inspect,
-    select,
-)
+from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+from mlflow_store import summaries
+from mlflow_store.schema import (  # noqa: F401  (the store's public names, re-exported)
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TABLES,
+    Base,
+    Generation,
+    Judgement,
+    Migration,
+    Prompt,
+    Reward,
+    Rollout,
+    SchemaVersion,
+    ValueDataset,
+    rollout_key,
+    text_digest,
+)
+
 _CHUNK = 500
 
 
@@ -44,135 +49,7 @@ class StoreError(RuntimeError):
     """The store URL is malformed, unreachable, or its schema cannot be used by this code."""
 
 
-# --------------------------------------------------------------------------- tables
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class SchemaVersion(Base):
-    """One row per schema version applied; the highest is the database's version."""
-
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    applied_at: Mapped[str] = mapped_column(String(40))
-    note: Mapped[str] = mapped_column(Text, default="")
-
-
-class Prompt(Base):
-    __tablename__ = "prompts"
-    prompt_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    text: Mapped[str] = mapped_column(Text)
-    split: Mapped[str] = mapped_column(String(32), default="train")
-
-
-class Rollout(Base):
-    """One leaf of a rollout: the row ``row_index`` generated for a prompt in (run, system, iteration)."""
-
-    __tablename__ = "rollouts"
-    run_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    system: Mapped[str] = mapped_column(String(64), primary_key=True)
-    iteration: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    prompt_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    row_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    rollout_key: Mapped[str] = mapped_column(String(64), unique=True)  # digest of the five above
-    text: Mapped[str] = mapped_column(Text)
-    n_tokens: Mapped[int] = mapped_column(Integer)
-
-
-class Reward(Base):
-    """The score of one rollout leaf by one reward model (``reward_model`` = its identity/digest)."""
-
-    __tablename__ = "rewards"
-    reward_model: Mapped[str] = mapped_column(String(256), primary_key=True)
-    rollout_key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    reward: Mapped[float] = mapped_column(Float)
-
-
-class ValueDataset(Base):
-    """A value-fit dataset written to ``path``, named by its content digest."""
-
-    __tablename__ = "value_datasets"
-    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
-    run_key: Mapped[str] = mapped_column(String(256), default="")
-    iteration: Mapped[int] = mapped_column(Integer, default=0)
-    n_examples: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class Generation(Base):
-    """One evaluation output of a system for one eval instruction, with its compute numbers."""
-
-    __tablename__ = "generations"
-    run_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    system: Mapped[str] = mapped_column(String(64), primary_key=True)
-    iteration: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    instruction_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    instruction_digest: Mapped[str] = mapped_column(String(64), index=True)
-    output: Mapped[str] = mapped_column(Text)
-    output_digest: Mapped[str] = mapped_column(String(64), index=True)
-    policy_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    value_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    reward_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    seconds: Mapped[float] = mapped_column(Float, default=0.0)
-    # schema v2:
-    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
-    reward_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
-
-
-class Judgement(Base):
-    """A judge's preference between output_1 (reference) and output_2 (ours): 1 = output_1 better,
-    2 = output_2 better (AlpacaEval's convention), fractional values allowed."""
-
-    __tablename__ = "judgements"
-    judge: Mapped[str] = mapped_column(String(256), primary_key=True)
-    instruction_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    output_1_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    output_2_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    preference: Mapped[float] = mapped_column(Float)
-
-
-TABLES = {m.__tablename__: m for m in (Prompt, Rollout, Reward, ValueDataset, Generation, Judgement)}
-
-
-# --------------------------------------------------------------------------- migrations
-
-
-@dataclass(frozen=True)
-class Migration:
-    """Statements that take a database from ``version - 1`` to ``version`` (portable SQL only)."""
-
-    version: int
-    note: str
-    statements: tuple[str, ...]
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        2,
-        "generations: reward and reward_model of the eval output",
-        (
-            "ALTER TABLE generations ADD COLUMN reward FLOAT",
-            "ALTER TABLE generations ADD COLUMN reward_model VARCHAR(256)",
-        ),
-    ),
-)
-assert MIGRATIONS[-1].version == SCHEMA_VERSION
-
-
-# --------------------------------------------------------------------------- keys and digests
-
-
-def text_digest(text: str) -> str:
-    """sha256 hex of a UTF-8 text: the digest used for instructions and outputs."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def rollout_key(run_key: str, system: str, iteration: int, prompt_key: str, row_index: int) -> str:
-    """The key of one rollout leaf (what rewards refer to): a digest of its natural key."""
-    raw = "\x1f".join([run_key, system, str(int(iteration)), prompt_key, str(int(row_index))])
-    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+# --------------------------------------------------------------------------- paths
 
 
 def default_store_url(workdir: str | os.PathLike) -> str:
@@ -366,117 +243,12 @@ class Store:
         return [k for k in rollout_keys if k not in done]
 
     def compare_runs(self, judge: str | None = None, run_keys: Sequence[str] | None = None) -> list[dict]:
-        """Per (run_key, system, iteration) over generations: n, mean_reward, win_rate (100 * mean
-        preference - 1 by ``judge``, over judged outputs), n_judged, mean/total policy tokens.
-
-        ``judge`` may be left out only when the store holds judgements of at most one judge.
-        """
-        if judge is None:
-            with self.engine.connect() as conn:
-                judges = list(conn.execute(select(Judgement.judge).distinct()).scalars())
-            if len(judges) > 1:
-                raise ValueError(f"several judges in the store, name one: {sorted(judges)}")
-        pref = select(
-            Judgement.instruction_digest,
-            Judgement.output_2_digest,
-            func.avg(Judgement.preference).label("preference"),
-        )
-        if judge is not None:
-            pref = pref.where(Judgement.judge == judge)
-        pref = pref.group_by(Judgement.instruction_digest, Judgement.output_2_digest).subquery()
-        g = Generation
-        stmt = (
-            select(
-                g.run_key,
-                g.system,
-                g.iteration,
-                func.count().label("n"),
-                func.avg(g.reward).label("mean_reward"),
-                (100.0 * func.avg(pref.c.preference - 1.0)).label("win_rate"),
-                func.count(pref.c.preference).label("n_judged"),
-                func.avg(g.policy_tokens).label("mean_policy_tokens"),
-                func.sum(g.policy_tokens).label("total_policy_tokens"),
-                func.sum(g.seconds).label("total_seconds"),
-            )
-            .outerjoin(
-                pref,
-                and_(
-                    pref.c.instruction_digest == g.instruction_digest,
-                    pref.c.output_2_digest == g.output_digest,
-                ),
-            )
-            .group_by(g.run_key, g.system, g.iteration)
-            .order_by(g.run_key, g.system, g.iteration)
-        )
-        if run_keys is not None:
-            stmt = stmt.where(g.run_key.in_(list(run_keys)))
-        with self.engine.connect() as conn:
-            out = []
-            for r in conn.execute(stmt):
-                row = dict(r._mapping)
-                for k in ("mean_reward", "win_rate", "mean_policy_tokens", "total_seconds"):
-                    row[k] = float(row[k]) if row[k] is not None else None
-                row["total_policy_tokens"] = int(row["total_policy_tokens"] or 0)
-                out.append(row)
-            return out
+        """Per (run_key, system, iteration): n, mean_reward, win_rate by ``judge``, tokens (summaries.compare_runs)."""
+        return summaries.compare_runs(self.engine, judge, run_keys)
 
     def rollout_summary(self, reward_model: str, run_keys: Sequence[str] | None = None) -> list[dict]:
-        """Per (run_key, system, iteration) over rollout leaves scored by ``reward_model``: n_leaves,
-        n_prompts, mean_reward, mean_best_reward (best leaf per prompt, as SPI's labelling keeps),
-        mean_tokens."""
-        r = Rollout
-        scored = select(r.run_key, r.system, r.iteration, r.prompt_key, r.n_tokens, Reward.reward).join(
-            Reward, and_(Reward.rollout_key == r.rollout_key, Reward.reward_model == reward_model)
-        )
-        if run_keys is not None:
-            scored = scored.where(r.run_key.in_(list(run_keys)))
-        scored = scored.subquery()
-        best = (
-            select(
-                scored.c.run_key,
-                scored.c.system,
-                scored.c.iteration,
-                scored.c.prompt_key,
-                func.max(scored.c.reward).label("best"),
-            )
-            .group_by(scored.c.run_key, scored.c.system, scored.c.iteration, scored.c.prompt_key)
-            .subquery()
-        )
-        per_group = lambda q: (q.c.run_key, q.c.system, q.c.iteration)  # noqa: E731
-        leaves = (
-            select(
-                *per_group(scored),
-                func.count().label("n_leaves"),
-                func.avg(scored.c.reward).label("mean_reward"),
-                func.avg(scored.c.n_tokens).label("mean_tokens"),
-            )
-            .group_by(*per_group(scored))
-            .subquery()
-        )
-        prompts = (
-            select(
-                *per_group(best),
-                func.count().label("n_prompts"),
-                func.avg(best.c.best).label("mean_best_reward"),
-            )
-            .group_by(*per_group(best))
-            .subquery()
-        )
-        stmt = (
-            select(leaves, prompts.c.n_prompts, prompts.c.mean_best_reward)
-            .join(
-                prompts, and_(*(a == b for a, b in zip(per_group(leaves), per_group(prompts), strict=True)))
-            )
-            .order_by(*per_group(leaves))
-        )
-        with self.engine.connect() as conn:
-            out = []
-            for row in conn.execute(stmt):
-                d = dict(row._mapping)
-                for k in ("mean_reward", "mean_tokens", "mean_best_reward"):
-                    d[k] = float(d[k])
-                out.append(d)
-            return out
+        """Per (run_key, system, iteration) over leaves scored by ``reward_model`` (summaries.rollout_summary)."""
+        return summaries.rollout_summary(self.engine, reward_model, run_keys)
 
 
 def open_store(url: str | None = None, workdir: str | os.PathLike | None = None) -> Store:

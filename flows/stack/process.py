@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from flows.stack.plan import HOST, STATE_FILE, Service, ServiceError, service_environment
+from spi.stagefiles import write_atomic
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
@@ -197,6 +198,4 @@ def save_state(home: Path, state: dict) -> None:
             k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in state["services"].items()
         },
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(clean, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(clean, indent=2) + "\n")

@@ -10,7 +10,6 @@ inside the same seconds.
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import time
@@ -18,19 +17,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from spi.bench.measure import BenchConfig, machine, now
+
 
 @dataclass
-class FitBenchConfig:
-    model: str = "smollm2-135m-instruct"  # policy (head-only kind) and backbone (backbone kind)
+class FitBenchConfig(BenchConfig):
+    """``model`` is the policy (head-only kind) and the backbone (backbone kind)."""
+
+    repeats: int = 1
     examples: int = 32
     response_tokens: int = 32
     epochs: int = 2
     batch_size: int = 16
-    dtype: str = "float32"
-    threads: int = 1
-    repeats: int = 1
     kinds: tuple[str, ...] = ("policy-head", "backbone")
-    seed: int = 0
 
 
 def _examples(tokenizer, config: FitBenchConfig):
@@ -72,9 +71,7 @@ def run_fit_bench(config: FitBenchConfig, log=print) -> dict:
         seconds = statistics.median(ts)
         kinds[kind] = {"seconds": seconds, "sequences_per_s": config.epochs * len(examples) / seconds,
                        "tokens_per_s": config.epochs * positions / seconds, "seconds_all_repeats": ts}
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command_config": asdict(config),
-              "machine": {"cores": os.cpu_count(), "threads": config.threads, "dtype": config.dtype,
-                          "torch": torch.__version__},
+    result = {"date": now(), "command_config": asdict(config), "machine": machine(config.threads, config.dtype),
               "examples": len(examples), "response_positions": positions, "kinds": kinds}
     if {"policy-head", "backbone"} <= set(kinds):
         result["head_speedup_over_backbone"] = kinds["backbone"]["seconds"] / kinds["policy-head"]["seconds"]

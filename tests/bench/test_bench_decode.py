@@ -70,3 +70,25 @@ def test_bench_fit_reports_both_kinds(tmp_path):
     data = json.loads(out.read_text())
     for kind in ("policy-head", "backbone"):
         assert data["kinds"][kind]["sequences_per_s"] > 0 and data["kinds"][kind]["tokens_per_s"] > 0
+
+
+def test_bench_bf16_runs_the_kernel_comparison(tmp_path, capsys):
+    """`spi bench bf16` runs spi.bench.bf16's comparison: both kernels timed on the same input, the JSON
+    names its settings, and the printed table is bf16's."""
+    out = tmp_path / "bf16.json"
+    assert main(["bench", "bf16", "--model", "tiny-llama", "--rows", "2", "--tokens", "5", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny-llama" and data["rows"] == 2 and data["tokens"] == 5
+    assert data["native"] > 0 and data["float32"] > 0
+    assert data["speedup"] == data["native"] / data["float32"]
+    assert 0 <= data["max_logit_difference"] < 0.5
+    assert "float32 GEMMs" in capsys.readouterr().out
+
+
+def test_spi_command_offers_bf16_without_loading_torch():
+    """Building the `spi bench` parser imports neither torch nor the models (the CLI starts fast)."""
+    code = ("import argparse, sys; from flows import bench; p = argparse.ArgumentParser(); "
+            "bench.add_commands(p.add_subparsers()); "
+            "bad = [m for m in ('torch', 'transformers', 'spi.models') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from spi.stagefiles import output_digest
 from tests.distributed.conftest import OVERRIDES, TINY
 
 pytest.importorskip("prefect_dask")
@@ -58,7 +59,7 @@ def assert_matches_reference(out, reference):
     it = out["iterations"][0]
     assert Path(it["rollouts"]["path"]).read_bytes() == reference["rollouts"].read_bytes()
     assert Path(it["labels"]["path"]).read_bytes() == reference["labels"].read_bytes()
-    assert it["value"]["digest"] == _folder_digest(reference["value"])
+    assert it["value"]["digest"] == output_digest(reference["value"])
     got = json.loads(Path(out["decoded"]["spi-1"]["path"]).read_text())
     want = json.loads(reference["decoded"].read_text())
     assert got["outputs"] == want["outputs"]
@@ -67,12 +68,6 @@ def assert_matches_reference(out, reference):
         want["boundaries"],
         want["beam_changes"],
     )
-
-
-def _folder_digest(path):
-    from spi.stagefiles import output_digest
-
-    return output_digest(path)
 
 
 def test_two_workers_one_worker_and_unsharded_give_the_same_rows(cluster2, eval_set, reference, tmp_path):

@@ -2,8 +2,6 @@
 
 import gzip
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +14,9 @@ from evaluation.data import (
     subset,
     write_model_outputs,
 )
+from tests.evaluation.alpaca_data import DATA, needs
 
-DATA = Path(os.environ.get("SPI_ALPACA_DATA") or Path(__file__).resolve().parents[2].parent / "shared/data/alpaca_eval")
-needs_data = pytest.mark.skipif(not (DATA / "eval_set.jsonl").is_file(),
-                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_data = needs("eval_set.jsonl")
 
 
 def _write_jsonl(path, rows):

@@ -1,7 +1,6 @@
 """Length-controlled win rate: offline LC v1 against the public leaderboard, and its properties."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,10 @@ import pytest
 from evaluation.data import load_eval_set, model_files
 from evaluation.leaderboard import compare_with_published, load_folder, plot_win_rates
 from evaluation.length_control import instruction_difficulty, length_controlled_win_rate
+from tests.evaluation.alpaca_data import DATA, needs
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("SPI_ALPACA_DATA") or REPO.parent / "shared/data/alpaca_eval")
-needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
-                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_data = needs("preferences")
 LEADERBOARD = DATA / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv"
 
 

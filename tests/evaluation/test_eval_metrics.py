@@ -1,18 +1,14 @@
 """Raw win rates against the public leaderboard, bootstrap CIs and paired comparisons."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from evaluation.data import load_eval_set, model_files, read_indexed
 from evaluation.metrics import bootstrap_ci, paired_comparison, win_rate_ci, win_rate_metrics
+from tests.evaluation.alpaca_data import DATA, needs
 
-DATA = Path(os.environ.get("SPI_ALPACA_DATA") or Path(__file__).resolve().parents[2].parent / "shared/data/alpaca_eval")
-needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
-                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_data = needs("preferences")
 
 
 @needs_data

@@ -4,7 +4,6 @@ with GPT-4-turbo on models AND instructions it was not trained on, against a len
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,9 @@ from evaluation.trained_judge import (
     split_models_and_instructions,
     train_judge,
 )
+from tests.evaluation.alpaca_data import DATA, needs
 
-DATA = Path(os.environ.get("SPI_ALPACA_DATA") or Path(__file__).resolve().parents[2].parent / "shared/data/alpaca_eval")
-needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
-                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_data = needs("preferences")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -109,3 +107,19 @@ def test_trained_judge_beats_length_only_on_the_full_set():
     assert judge["balanced_accuracy"] > base["balanced_accuracy"]
     assert judge["spearman"] > base["spearman"]
     assert judge["winrate_error"] < base["winrate_error"]
+
+
+def test_trained_judge_fingerprint_is_its_folders_tree_digest(tmp_path):
+    """The stage-key fingerprint of ``trained:FOLDER`` is the folder's tree_digest (the one folder hash of
+    spi.stagefiles): it follows any file's bytes, and a missing folder reads 'untrained'."""
+    from evaluation.judges import judge_fingerprint
+    from spi.stagefiles import tree_digest
+
+    judge = TrainedJudge.fit(["q"] * 4, ["a", "bb", "ccc", "dddd"], ["bb"] * 4, [1.2, 1.4, 1.6, 1.8], backbone=None,
+                             C=1.0)
+    folder = judge.save(tmp_path / "j")
+    before = judge_fingerprint(f"trained:{folder}")
+    assert before == f"trained:{folder}@{tree_digest(folder)[:16]}"
+    (folder / "notes.txt").write_text("a file the judge does not read still changes the folder")
+    assert judge_fingerprint(f"trained:{folder}") != before
+    assert judge_fingerprint(f"trained:{tmp_path / 'absent'}").endswith("@untrained")

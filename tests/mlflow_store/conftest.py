@@ -51,11 +51,7 @@ def pg_server():
     """URL of a throwaway PostgreSQL server (session-wide); skips when no server binaries are here."""
     import pg_cluster as pg
 
-    reason = pg.why_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with pg.throwaway_postgres() as url:
-        yield url
+    yield from pg.server_or_skip()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -48,6 +48,17 @@ def why_unavailable() -> str | None:
     return None
 
 
+def server_or_skip() -> Iterator[str]:
+    """A pytest fixture's body: yield a throwaway cluster's URL, or skip the test saying why there is none."""
+    import pytest
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with throwaway_postgres() as url:
+        yield url
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

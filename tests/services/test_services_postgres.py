@@ -19,11 +19,7 @@ import pg_cluster as pg  # noqa: E402  (tests/mlflow_store/pg_cluster.py)
 
 @pytest.fixture(scope="module")
 def postgres():
-    reason = pg.why_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with pg.throwaway_postgres() as url:
-        yield url
+    yield from pg.server_or_skip()
 
 
 def test_up_on_postgresql(postgres, tmp_path, value_folder):

@@ -36,6 +36,8 @@ def changed_value(dotted: str, kind, value):
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is typing.Literal:
         return next(a for a in typing.get_args(kind) if a != value)
+    if typing.get_origin(kind) is tuple:  # tuple[X, ...]: one more item
+        return [*value, changed_value(dotted, args[0], None)]
     base = args[0] if args and typing.get_origin(kind) is not list else kind
     if base is bool:
         return not value
