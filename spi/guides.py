@@ -240,7 +240,7 @@ class ImplicitRewardGuide(Guide):
 
 def _response_logprob_sums(model, prefixes: Prefixes, pad_id: int) -> torch.Tensor:
     """sum over each row's response tokens of log model(token | prompt, earlier tokens), from scratch."""
-    from spi.value import pad_right
+    from spi.value_batches import pad_right
 
     sequences = prefixes.sequences()
     ids, mask = pad_right(sequences, pad_id)

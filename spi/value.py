@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spi.value_batches import batch_tensors, pad_right
+
 FORMAT_VERSION = 1
 
 
@@ -187,14 +189,6 @@ def response_starts(examples) -> list[int]:
     return [len(e.prompt_ids) - 1 for e in examples]
 
 
-def pad_right(sequences: list[list[int]], pad_id: int):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-    return ids, mask
 
 
 @dataclass
@@ -205,13 +199,6 @@ class ValueExample:
     group: str  # prompt key: hold-out splits by prompt, never within one
 
 
-def _response_mask(examples: list[ValueExample], width: int) -> torch.Tensor:
-    """1 at positions t = last prompt token .. last response token: V(x, y_<t) for t in 0..|y|."""
-    mask = torch.zeros(len(examples), width)
-    for i, ex in enumerate(examples):
-        start = len(ex.prompt_ids) - 1
-        mask[i, start:len(ex.prompt_ids) + len(ex.response_ids)] = 1
-    return mask
 
 
 def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, policy=None, epochs: int = 10,
@@ -228,7 +215,7 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
     """
     import time
 
-    from spi.value_train import TrainSettings, batch_tensors, train_backbone
+    from spi.value_train import TrainSettings, train_backbone
 
     start = time.perf_counter()
     train = train or TrainSettings()
@@ -345,7 +332,6 @@ def evaluate_value(model: ValueModel, examples: list[ValueExample], pad_id: int,
                    max_length: int | None = None):
     """Mean squared error and explained variance of V over all response positions of ``examples``
     (and, with ``pairs``, the within-prompt pair accuracy of ``FitReport``)."""
-    from spi.value_train import batch_tensors
 
     errors, targets_all, per_example = [], [], []
     for s in range(0, len(examples), 16):

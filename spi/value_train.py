@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spi.value_batches import batch_tensors
+
 MASTER_DTYPES = ("float32", "model")
 
 
@@ -35,17 +37,6 @@ class TrainSettings:
     accelerator: object | None = None  # an accelerate.Accelerator for data-parallel training
 
 
-def batch_tensors(examples, pad_id: int, device, max_length: int | None = None):
-    """(ids, mask, positions, targets) of ``examples`` on ``device``; sequences cut at ``max_length``.
-    ``positions`` marks t = last prompt token .. last response token: V(x, y_<t) for t in 0..|y|."""
-    from spi.prompts import value_input_ids
-    from spi.value import _response_mask, pad_right
-
-    sequences = [value_input_ids(e.prompt_ids, e.response_ids)[:max_length] for e in examples]
-    ids, mask = pad_right(sequences, pad_id)
-    positions = _response_mask(examples, ids.shape[1])
-    targets = torch.tensor([e.reward for e in examples])
-    return ids.to(device), mask.to(device), positions.to(device), targets.to(device)
 
 
 def counted_positions(example, max_length: int | None) -> int:
