@@ -11,9 +11,11 @@ from spi.stages import STAGES, UNKEYED, is_unkeyed, stage_key, stages_reading
 
 TINY = Path(__file__).resolve().parents[1] / "flows" / "tiny.yaml"
 # fields whose type alone does not give a valid other value
-SPECIAL = {"baselines.names": ["args"], "value.kind": "backbone", "value.solver": "ridge", "iterations.count": 1}
+SPECIAL = {"baselines.names": ["args"], "value.kind": "backbone", "value.solver": "ridge", "iterations.count": 1,
+           "prompts.kinds": ["punctuation:no_comma"], "reward.constraints": ["constraints.jsonl"]}
 # set beside the field so the changed recipe stays valid (the other field's own change is tested alone)
-COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"}}
+COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"},
+             "evaluation.task": {"eval_set": "generated:heldout"}}
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:
