@@ -157,7 +157,19 @@ def cmd_run(args) -> int:
                 }
                 for name, row in summary["systems"].items()
             },
+            "task": summary["task"],
+            "first_iteration": summary["first_iteration"],
+            "paired": summary["paired"],
+            "value_fits": {k: {"holdout_pair_accuracy": rep.get("holdout_pair_accuracy"),
+                               "holdout_explained_variance": rep.get("holdout_explained_variance")}
+                           for k, rep in summary["value_fits"].items()},
         }
+        if summary["task"] == "ifeval":  # the four IFEval numbers and their intervals under each system
+            from evaluation.ifeval import METRICS
+
+            for name, row in summary["systems"].items():
+                out["systems"][name]["metrics"] = {
+                    k: row[k] for m in METRICS for k in (m, f"{m}_ci_low", f"{m}_ci_high")}
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(out, indent=1))
     counts = {}
