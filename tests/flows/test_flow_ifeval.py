@@ -82,7 +82,7 @@ def test_spi_run_summary_json_and_mlflow_child_runs(new_workdir):
     children = tracking.child_runs(uri, run_id)
     assert len(children) == len(summary["systems"])
     for child in children:
-        name = "spi-%d" % child["iteration"] if child["system"] == "spi" else child["system"]
+        name = f"spi-{child['iteration']}" if child["system"] == "spi" else child["system"]
         for m in METRICS:
             assert child["metrics"][m] == pytest.approx(summary["systems"][name]["metrics"][m]), (name, m)
     history = tracking.client_for(uri).get_metric_history(run_id, "spi_prompt_level_strict_acc")
