@@ -75,8 +75,8 @@ def headline_metric(ctx: RunContext) -> str:
 
 
 def value_fits(iterations: list[dict]) -> dict:
-    """Per iteration: V_k's fit report (held-out pair accuracy, explained variance, ...)."""
-    return {it["iteration"]: it["value"]["report"] for it in iterations}
+    """Per iteration ("1", "2", ...: JSON keys): V_k's fit report (held-out pair accuracy, explained variance, ...)."""
+    return {str(it["iteration"]): it["value"]["report"] for it in iterations}
 
 
 def check_judge(ctx: RunContext, allow_reward_judge: bool) -> None:

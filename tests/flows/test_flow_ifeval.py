@@ -53,7 +53,7 @@ def test_plain_run_scores_every_system_by_the_verifiers(tmp_path):
     for p in summary["paired"]:
         assert p["ci_low"] <= p["diff"] <= p["ci_high"]
         assert p["diff"] == pytest.approx(systems[p["a"]][p["metric"]] - systems[p["b"]][p["metric"]])
-    assert set(summary["value_fits"]) == {1, 2}
+    assert set(summary["value_fits"]) == {"1", "2"}
     assert all("holdout_pair_accuracy" in fit for fit in summary["value_fits"].values())
     report = Path(summary["report"]).read_text()
     assert "prompt strict" in report and "value.first_iteration: policy-samples" in report
