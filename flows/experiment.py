@@ -240,8 +240,9 @@ def spi_experiment(
         return sharded.with_runner(spi_experiment, r)(recipe, overrides, workdir, allow_reward_judge)
     ctx = RunContext(r, workdir)
     check_judge(ctx, allow_reward_judge)
-    log.info("experiment %s (%s): %d iterations, baselines %s, judge %s; files in %s", r.name, r.digest,
-             r.iterations.count, ", ".join(r.baselines.names) or "none", r.evaluation.judge, ctx.dir)
+    scoring = "the verifiers (ifeval)" if r.evaluation.task == "ifeval" else f"judge {r.evaluation.judge}"
+    log.info("experiment %s (%s): %d iterations, baselines %s, scored by %s; files in %s", r.name, r.digest,
+             r.iterations.count, ", ".join(r.baselines.names) or "none", scoring, ctx.dir)
     run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest)
     if run_id:
         log.info("resuming MLflow run %s of experiment %s", run_id, ctx.experiment)
