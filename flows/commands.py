@@ -13,6 +13,7 @@ and a rerun resumes from them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -160,8 +161,7 @@ def cmd_run(args) -> int:
             "task": summary["task"],
             "first_iteration": summary["first_iteration"],
             "paired": summary["paired"],
-            "value_fits": {k: {"holdout_pair_accuracy": rep.get("holdout_pair_accuracy"),
-                               "holdout_explained_variance": rep.get("holdout_explained_variance")}
+            "value_fits": {k: {m: _finite(rep.get(m)) for m in ("holdout_pair_accuracy", "holdout_explained_variance")}
                            for k, rep in summary["value_fits"].items()},
         }
         if summary["task"] == "ifeval":  # the four IFEval numbers and their intervals under each system
@@ -195,6 +195,11 @@ def cmd_run(args) -> int:
     print(f"\njudge: {summary['judge']} (reward model used for training: {summary['reward_model']})")
     print(summary["table"])
     return 0
+
+
+def _finite(x):
+    """A number for the JSON summary; NaN (no held-out pairs) and infinities become null."""
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def cmd_promote(args) -> int:
