@@ -87,8 +87,10 @@ def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]]) -> list[
     return out
 
 
-def write_plots(rows: list[dict], folder: Path, title: str) -> list[Path]:
-    """win-rate-vs-iteration.png and win-rate-vs-compute.png in ``folder``."""
+def write_plots(rows: list[dict], folder: Path, title: str, metric: str = "win_rate",
+                ylabel: str = "win rate vs references (%)") -> list[Path]:
+    """<metric>-vs-iteration.png and <metric>-vs-compute.png in ``folder`` (win-rate-vs-...: the default);
+    ``metric`` is a row field with ``<metric>_ci_low`` and ``<metric>_ci_high`` beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,20 +101,22 @@ def write_plots(rows: list[dict], folder: Path, title: str) -> list[Path]:
     others = [r for r in rows if r["iteration"] is None]
 
     def errors(rs):
-        return [[r["win_rate"] - (r["win_rate_ci_low"] if r["win_rate_ci_low"] is not None else r["win_rate"]) for r in rs],
-                [(r["win_rate_ci_high"] if r["win_rate_ci_high"] is not None else r["win_rate"]) - r["win_rate"] for r in rs]]
+        low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+        return [[r[metric] - (r[low] if r[low] is not None else r[metric]) for r in rs],
+                [(r[high] if r[high] is not None else r[metric]) - r[metric] for r in rs]]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if spi:
-        ax.errorbar([r["iteration"] for r in spi], [r["win_rate"] for r in spi], yerr=errors(spi), marker="o",
+        ax.errorbar([r["iteration"] for r in spi], [r[metric] for r in spi], yerr=errors(spi), marker="o",
                     capsize=3, label="spi-k (95% CI)")
     for i, r in enumerate(r for r in others if not r.get("matches")):
-        ax.axhline(r["win_rate"], linestyle="--", linewidth=1, color=f"C{i + 1}", label=r["system"])
-    ax.set(xlabel="SPI iteration k", ylabel="win rate vs references (%)", title=title)
+        ax.axhline(r[metric], linestyle="--", linewidth=1, color=f"C{i + 1}", label=r["system"])
+    ax.set(xlabel="SPI iteration k", ylabel=ylabel, title=title)
     ax.set_xticks([r["iteration"] for r in spi] or [1])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    by_iteration = folder / "win-rate-vs-iteration.png"
+    stem = metric.replace("_", "-")
+    by_iteration = folder / f"{stem}-vs-iteration.png"
     fig.savefig(by_iteration, dpi=110)
     plt.close(fig)
 
@@ -122,18 +126,18 @@ def write_plots(rows: list[dict], folder: Path, title: str) -> list[Path]:
                                     key=lambda r: r["tokens_per_instruction"])}
     for label, rs in families.items():
         if rs:
-            ax.errorbar([r["tokens_per_instruction"] for r in rs], [r["win_rate"] for r in rs], yerr=errors(rs),
+            ax.errorbar([r["tokens_per_instruction"] for r in rs], [r[metric] for r in rs], yerr=errors(rs),
                         marker="o", capsize=3, label=label)
     for r in others:
         if not r["system"].startswith("best-of-n"):
-            ax.scatter([r["tokens_per_instruction"]], [r["win_rate"]], marker="s")
-            ax.annotate(r["system"], (r["tokens_per_instruction"], r["win_rate"]), fontsize=7)
+            ax.scatter([r["tokens_per_instruction"]], [r[metric]], marker="s")
+            ax.annotate(r["system"], (r["tokens_per_instruction"], r[metric]), fontsize=7)
     ax.set_xscale("log")
     ax.set(xlabel="generated tokens per instruction (SPI training amortised)",
-           ylabel="win rate vs references (%)", title=title)
+           ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    by_compute = folder / "win-rate-vs-compute.png"
+    by_compute = folder / f"{stem}-vs-compute.png"
     fig.savefig(by_compute, dpi=110)
     plt.close(fig)
     return [by_iteration, by_compute]
@@ -173,8 +177,27 @@ def _num(x, fmt: str) -> str:
 
 
 def render(head: list[str], rows: list[dict], iterations: list[dict], paired: list[dict], plots: list[str],
-           example_lines: list[str], promotions: list[dict]) -> str:
-    out = head + [
+           example_lines: list[str], promotions: list[dict], ifeval_lines: list[str] | None = None) -> str:
+    """The markdown; ``ifeval_lines`` (the IFEval systems, paired and per-kind sections) replace the
+    AlpacaEval systems and paired sections."""
+    out = head + (ifeval_lines if ifeval_lines is not None else _alpaca_sections(rows, paired))
+    if iterations:
+        out += _value_fits(iterations)
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    if example_lines:
+        out += ["", "## Examples (where the last iteration and the best baseline differ most)", "",
+                "Preference: the judge's AlpacaEval preference against the reference (1 = reference better, "
+                "2 = this output better).", ""] + example_lines
+    if promotions:
+        out += ["", "## Value model registry", ""]
+        out += [f"- iteration {p['iteration']}: version {p['candidate_version']} "
+                f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}" for p in promotions]
+    return "\n".join(out) + "\n"
+
+
+def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
+    out = [
         "",
         "## Systems",
         "",
@@ -202,26 +225,19 @@ def render(head: list[str], rows: list[dict], iterations: list[dict], paired: li
             reading = "within noise" if p["within_noise"] else ("better" if p["mean_difference"] > 0 else "worse")
             out.append(f"| {p['system']} | {p['against']} | {p['why']} | {p['mean_difference']:+.2f} "
                        f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {reading} |")
-    if iterations:
-        out += ["", "## Value fits (held-out prompts)", "",
-                "Explained variance counts differences between prompts; pair accuracy is what selection needs: "
-                "how often V ranks two leaves of one prompt as the reward does (0.5 = no signal).", "",
-                "| iteration | rollout reward mean | best of leaves | held-out EV | pair accuracy | ridge penalty |",
-                "|---|---|---|---|---|---|"]
-        for it in iterations:
-            stats, rep = it["labels"]["stats"], it["value"]["report"]
-            out.append(f"| {it['iteration']} | {_num(stats.get('reward_mean'), '.4f')} "
-                       f"| {_num(stats.get('reward_best_mean'), '.4f')} "
-                       f"| {_num(rep.get('holdout_explained_variance'), '.3f')} "
-                       f"| {_num(rep.get('holdout_pair_accuracy'), '.3f')} | {_num(rep.get('ridge_penalty'), '.3g')} |")
-    if plots:
-        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
-    if example_lines:
-        out += ["", "## Examples (where the last iteration and the best baseline differ most)", "",
-                "Preference: the judge's AlpacaEval preference against the reference (1 = reference better, "
-                "2 = this output better).", ""] + example_lines
-    if promotions:
-        out += ["", "## Value model registry", ""]
-        out += [f"- iteration {p['iteration']}: version {p['candidate_version']} "
-                f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}" for p in promotions]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def _value_fits(iterations: list[dict]) -> list[str]:
+    out = ["", "## Value fits (held-out prompts)", "",
+            "Explained variance counts differences between prompts; pair accuracy is what selection needs: "
+            "how often V ranks two leaves of one prompt as the reward does (0.5 = no signal).", "",
+            "| iteration | rollout reward mean | best of leaves | held-out EV | pair accuracy | ridge penalty |",
+            "|---|---|---|---|---|---|"]
+    for it in iterations:
+        stats, rep = it["labels"]["stats"], it["value"]["report"]
+        out.append(f"| {it['iteration']} | {_num(stats.get('reward_mean'), '.4f')} "
+                   f"| {_num(stats.get('reward_best_mean'), '.4f')} "
+                   f"| {_num(rep.get('holdout_explained_variance'), '.3f')} "
+                   f"| {_num(rep.get('holdout_pair_accuracy'), '.3f')} | {_num(rep.get('ridge_penalty'), '.3g')} |")
+    return out

@@ -15,6 +15,7 @@ and a rerun resumes from them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -182,7 +183,18 @@ def cmd_run(args) -> int:
                 }
                 for name, row in summary["systems"].items()
             },
+            "task": summary["task"],
+            "first_iteration": summary["first_iteration"],
+            "paired": summary["paired"],
+            "value_fits": {k: {m: _finite(rep.get(m)) for m in ("holdout_pair_accuracy", "holdout_explained_variance")}
+                           for k, rep in summary["value_fits"].items()},
         }
+        if summary["task"] == "ifeval":  # the four IFEval numbers and their intervals under each system
+            from evaluation.ifeval import METRICS
+
+            for name, row in summary["systems"].items():
+                out["systems"][name]["metrics"] = {
+                    k: row[k] for m in METRICS for k in (m, f"{m}_ci_low", f"{m}_ci_high")}
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(out, indent=1))
     counts = {}
@@ -208,6 +220,11 @@ def cmd_run(args) -> int:
     print(f"\njudge: {summary['judge']} (reward model used for training: {summary['reward_model']})")
     print(summary["table"])
     return 0
+
+
+def _finite(x):
+    """A number for the JSON summary; NaN (no held-out pairs) and infinities become null."""
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
 def cmd_promote(args) -> int:

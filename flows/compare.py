@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation import report
+from evaluation import ifeval_report, report
 from flows.context import RunContext
 from flows.stages import FlowStages
 from spi.loop import systems
@@ -55,11 +55,32 @@ def system_row(system: str, iteration: int | None, decoded: dict, judged: dict) 
     }
 
 
+def verified_row(system: str, iteration: int | None, decoded: dict, verified: dict) -> dict:
+    """The row of an ifeval system: the four IFEval accuracies with their intervals instead of win rates."""
+    return {"system": system, "iteration": iteration, "mean_reward": decoded["mean_reward"],
+            **ifeval_report.system_metrics(verified["metrics"]),
+            "policy_tokens": int(decoded["compute"].get("policy_tokens", 0)),
+            "generated_tokens": int(decoded["compute"].get("generated_tokens", 0)),
+            "seconds_decode": decoded["seconds"], "seconds_judge": verified["seconds"]}
+
+
 def format_table(rows: list[dict]) -> str:
     """The comparison table printed at the end of ``spi run``."""
 
     def num(x, fmt):
         return format(x, fmt) if x is not None else "n/a"
+
+    if rows and "win_rate" not in rows[0]:  # ifeval
+        lines = [f"{'system':<16}{'iter':>5}{'mean reward':>13}{'prompt strict [95% CI]':>26}{'inst strict':>12}"
+                 f"{'prompt loose':>13}{'inst loose':>11}{'policy tokens':>15}"]
+        for row in rows:
+            m = "prompt_level_strict_acc"
+            ci = f"{row[m]:6.2f} [{num(row[m + '_ci_low'], '5.1f')}, {num(row[m + '_ci_high'], '5.1f')}]"
+            lines.append(f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
+                         f"{row['mean_reward']:>13.4f}{ci:>26}{row['inst_level_strict_acc']:>12.2f}"
+                         f"{row['prompt_level_loose_acc']:>13.2f}{row['inst_level_loose_acc']:>11.2f}"
+                         f"{row['policy_tokens']:>15d}")
+        return "\n".join(lines)
 
     lines = [
         f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'LC win':>9}{'policy tokens':>15}"
@@ -76,18 +97,29 @@ def format_table(rows: list[dict]) -> str:
 
 def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) -> list[str]:
     r = ctx.recipe
-    beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired if not p["within_noise"]]
-    verdict = (
-        "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
-        if beyond
-        else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
-        "interval holds 0)." if paired else ""
-    )
+    if r.evaluation.task == "ifeval":
+        verdict = ifeval_report.verdict(paired)
+        scoring = f"Task: IFEval-style verifiable instructions ({r.evaluation.eval_set}), scored by `{judge}`"
+    else:
+        beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired
+                  if not p["within_noise"]]
+        verdict = (
+            "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
+            if beyond
+            else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
+            "interval holds 0)." if paired else ""
+        )
+        scoring = f"Judge: `{judge}`"
+    first = ("all W*K samples of pi_0 (V_1 is the value of pi_0)" if r.value.first_iteration == "policy-samples"
+             else "the highest-reward leaf of each prompt (the source code's choice)")
     return [
         f"# SPI experiment `{r.name}` ({r.digest})",
         "",
-        f"Judge: `{judge}`; reward model (used for training, not for judging): `{ctx.reward_name}`.",
+        f"{scoring}; reward model (used for training, not for judging): `{ctx.reward_name}`.",
         f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.",
+        f"V_1 fitted on {first} (value.first_iteration: {r.value.first_iteration}); V_k for k >= 2 on "
+        f"{'all leaves' if r.value.fit_on == 'all' else 'the highest-reward leaf per prompt'} (value.fit_on: "
+        f"{r.value.fit_on}).",
         "",
         verdict,
     ]
@@ -124,15 +156,20 @@ def evaluate_systems(ctx: RunContext, iterations: list[dict], value_dirs: list[s
     """Baselines and spi-1..spi-K (then Best-of-N at their budgets) decoded on the eval set and judged
     against the references; ``on_judged(row, decoded, judgement)`` after each system."""
     stages = FlowStages(ctx)
-    eval_set, references = prepare_eval(ctx, stages)
+    verified = ctx.recipe.evaluation.task == "ifeval"  # checked by the verifiers: no references, no judge
+    eval_set, references = (stages.eval_set(),) * 2 if verified else prepare_eval(ctx, stages)
     ev = Evaluation([], {}, None, references)
     n_eval = len(json.loads(Path(references["path"]).read_text()))
 
     def judge(name, k, decoded, **extra):
-        judgement = stages.judge(name, references, decoded, allow_reward_judge)
+        if verified:
+            judgement = stages.verify(name, eval_set, decoded)
+            row = verified_row(name, k, decoded, judgement)
+        else:
+            judgement = stages.judge(name, references, decoded, allow_reward_judge)
+            row = system_row(name, k, decoded, judgement)
         ev.judge = judgement["judge"]
         ev.judged[name] = (decoded, judgement)
-        row = system_row(name, k, decoded, judgement)
         row.update(report.cost_fields(row, decoded, iterations, n_eval), **extra)
         ev.rows.append(row)
         if on_judged:
@@ -150,11 +187,20 @@ def write_report(ctx: RunContext, ev: Evaluation, iterations: list[dict], run_id
     """The comparison: table, plots, paired differences and the markdown report file."""
     r = ctx.recipe
     plot_dir = ctx.dir / f"report-{r.digest[:12]}-plots"
-    plots = report.write_plots(ev.rows, plot_dir, f"{r.name} ({ev.judge})") if ev.rows else []
-    paired = report.paired_rows(ev.rows, ev.judged)
+    if r.evaluation.task == "ifeval":
+        plots = report.write_plots(ev.rows, plot_dir, f"{r.name} (IFEval)", ifeval_report.HEADLINE,
+                                   "prompt-level strict accuracy (%)") if ev.rows else []
+        paired = ifeval_report.paired_rows(ev.rows, ev.judged, seed=r.seed)
+        sections = (ifeval_report.systems_section(ev.rows) + (ifeval_report.paired_section(paired) if paired else [])
+                    + ifeval_report.per_kind_section(ev.rows, ev.judged))
+        examples = []
+    else:
+        plots = report.write_plots(ev.rows, plot_dir, f"{r.name} ({ev.judge})") if ev.rows else []
+        paired, sections = report.paired_rows(ev.rows, ev.judged), None
+        examples = report.examples(ev.rows, ev.judged)
     markdown = report.render(
         report_head(ctx, ev.judge, run_id, paired), ev.rows, iterations, paired,
-        [f"{plot_dir.name}/{p.name}" for p in plots], report.examples(ev.rows, ev.judged), promotions,
+        [f"{plot_dir.name}/{p.name}" for p in plots], examples, promotions, sections,
     )
     report_file = ctx.dir / f"report-{r.digest[:12]}.md"
     report_file.write_text(markdown)

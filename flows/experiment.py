@@ -69,10 +69,22 @@ def iteration_metrics(it: dict) -> dict:
     return m
 
 
+def headline_metric(ctx: RunContext) -> str:
+    """The number spi-k is promoted and plotted by: the win rate, or IFEval's prompt-level strict accuracy."""
+    return "prompt_level_strict_acc" if ctx.recipe.evaluation.task == "ifeval" else "win_rate"
+
+
+def value_fits(iterations: list[dict]) -> dict:
+    """Per iteration ("1", "2", ...: JSON keys): V_k's fit report (held-out pair accuracy, explained variance, ...)."""
+    return {str(it["iteration"]): it["value"]["report"] for it in iterations}
+
+
 def check_judge(ctx: RunContext, allow_reward_judge: bool) -> None:
     """Fail before hours of iterations, not after: the judge exists and is not the reward model."""
     from evaluation.judges import check_independent, check_judge_available
 
+    if ctx.recipe.evaluation.task == "ifeval":  # scored by the verifiers, not by a judge
+        return
     check_judge_available(ctx.recipe.evaluation.judge)
     check_independent(ctx.recipe.evaluation.judge, ctx.data["reward"], allow_reward_judge)
 
@@ -147,8 +159,9 @@ def track(ctx: RunContext, run_id: str, ev: Evaluation, iterations: list[dict]) 
             ctx.tracking_uri, run_id, name if k is None else "spi", k or 0, metrics, artifacts,
             {"spi.judge": ev.judge, "spi.reward_model": ctx.reward_name})
         if k is not None:
+            headline = headline_metric(ctx)
             tracking.log_metrics(ctx.tracking_uri, run_id,
-                                 {"spi_win_rate": row["win_rate"], "spi_mean_reward": row["mean_reward"]}, step=k)
+                                 {f"spi_{headline}": row[headline], "spi_mean_reward": row["mean_reward"]}, step=k)
 
 
 def register(ctx: RunContext, ev: Evaluation, iterations: list[dict], value_dirs: list[str]) -> list[dict]:
@@ -167,7 +180,8 @@ def register(ctx: RunContext, ev: Evaluation, iterations: list[dict], value_dirs
                    if key not in ("system", "iteration", "run_id") and finite(v) is not None}
         row["registered_version"] = records.register_task(ctx.tracking_uri, ctx.registered_model, row["run_id"],
                                                           str(folder), {**metrics, "iteration": k})
-        decision = records.promote_task(ctx.tracking_uri, ctx.registered_model, r.tracking.promotion_margin)
+        decision = records.promote_task(ctx.tracking_uri, ctx.registered_model, r.tracking.promotion_margin,
+                                        metric=headline_metric(ctx))
         promotions.append({"iteration": k, **decision})
     return promotions
 
@@ -188,6 +202,7 @@ def report(ctx: RunContext, run_id: str, ev: Evaluation, iterations, promotions,
         "registered_model": ctx.registered_model if r.iterations.count else None, "judge": ev.judge,
         "reward_model": ctx.reward_name, "eval_set": ev.references["path"],
         "systems": {row["system"]: {k: v for k, v in row.items() if k != "system"} for row in ev.rows},
+        "task": r.evaluation.task, "first_iteration": r.value.first_iteration, "value_fits": value_fits(iterations),
         "paired": rep["paired"], "promotions": promotions, "stages": dict(ctx.stages), "table": rep["table"],
         "report": str(rep["file"]),
     }
@@ -225,8 +240,9 @@ def spi_experiment(
         return sharded.with_runner(spi_experiment, r)(recipe, overrides, workdir, allow_reward_judge)
     ctx = RunContext(r, workdir)
     check_judge(ctx, allow_reward_judge)
-    log.info("experiment %s (%s): %d iterations, baselines %s, judge %s; files in %s", r.name, r.digest,
-             r.iterations.count, ", ".join(r.baselines.names) or "none", r.evaluation.judge, ctx.dir)
+    scoring = "the verifiers (ifeval)" if r.evaluation.task == "ifeval" else f"judge {r.evaluation.judge}"
+    log.info("experiment %s (%s): %d iterations, baselines %s, scored by %s; files in %s", r.name, r.digest,
+             r.iterations.count, ", ".join(r.baselines.names) or "none", scoring, ctx.dir)
     run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest)
     if run_id:
         log.info("resuming MLflow run %s of experiment %s", run_id, ctx.experiment)
@@ -263,4 +279,5 @@ def run_plain(recipe: str, overrides: dict | None = None, workdir: str | None = 
     ev = evaluate_systems(ctx, iterations, value_dirs, allow_reward_judge)
     rep = write_report(ctx, ev, iterations, "none (plain calls)", [])
     return {"recipe": r.name, "digest": r.digest, "systems": {row["system"]: row for row in ev.rows},
-            "stages": dict(ctx.stages), "table": rep["table"], "report": str(rep["file"])}
+            "paired": rep["paired"], "value_fits": value_fits(iterations), "stages": dict(ctx.stages),
+            "table": rep["table"], "report": str(rep["file"])}

@@ -113,6 +113,7 @@ def store_generations_task(
             "preference": a["preference"],
         }
         for a in judged["annotations"]
+        if "preference" in a  # ifeval verdicts are not pairwise judgements
     ]
     store = Store(store_url)
     try:

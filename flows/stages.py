@@ -79,6 +79,17 @@ class FlowStages:
         return ctx.run_stage(f"eval/decode-{name}", T.best_of_first_task, source=decoded["path"], n=n,
                              out=str(ctx.dir / "eval" / f"{name.replace(':', '-')}-{key}.json"), key=key)
 
+    def verify(self, system: str, eval_set: dict, decoded: dict) -> dict:
+        """ifeval: one system's outputs checked by the verifiers (in this process; cheap)."""
+        from spi.verifiers import checker_version
+
+        ctx = self.ctx
+        key = stage_key("verify", ctx.recipe, system=system, eval_set=eval_set["digest"],
+                        outputs=decoded["digest"], checker=checker_version())
+        return ctx.run_stage(f"eval/verify-{system}", T.verify_task, system=system, eval_set=eval_set["path"],
+                             outputs=decoded["path"], out=str(ctx.dir / "eval" / f"verify-{system.replace(':', '-')}-{key}.json"),
+                             key=key)
+
     def judge(self, system: str, references: dict, decoded: dict, allow_reward_judge: bool) -> dict:
         from evaluation.judges import judge_fingerprint
 

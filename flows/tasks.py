@@ -137,8 +137,13 @@ def eval_set_task(recipe: Recipe, out: str, key: str) -> dict:
     r, out, t0 = recipe, Path(out), time.perf_counter()
     computed = not out.exists()
     ev = r.evaluation
-    rows = load_eval_set(ev.eval_set, require_references=False)
-    rows = subset(rows, ev.n_instructions, stratify=ev.subset == "stratified", seed=r.seed)
+    if ev.task == "ifeval":  # the prompts with their constraints; no references
+        rows = [{"instruction": x["prompt"], "dataset": "ifeval", "reference_output": None, "key": str(x["key"]),
+                 "instruction_id_list": x["instruction_id_list"], "kwargs": x["kwargs"]}
+                for x in pipeline.eval_prompt_set(r).records]
+    else:
+        rows = subset(load_eval_set(ev.eval_set, require_references=False), ev.n_instructions,
+                      stratify=ev.subset == "stratified", seed=r.seed)
     run_logger().info("evaluation set: %d instructions from %s", len(rows), ev.eval_set)
     write_json(out, rows)
     return stage_result(
@@ -150,6 +155,31 @@ def eval_set_task(recipe: Recipe, out: str, key: str) -> dict:
         n=len(rows),
         has_references=all(e["reference_output"] for e in rows),
     )
+
+
+@task(name="verify", cache_key_fn=stage_cache_key, task_run_name="verify-{system}")
+def verify_task(system: str, eval_set: str, outputs: str, out: str, key: str) -> dict:
+    """IFEval scoring of one system's outputs: every constraint checked (strict and loose), the four
+    accuracies with bootstrap intervals and per-kind figures; one annotation per prompt."""
+    from evaluation import ifeval
+    from spi.verifiers import checker_version
+
+    out, t0 = Path(out), time.perf_counter()
+    computed = not out.exists()
+    rows = json.loads(Path(eval_set).read_text())
+    answers = json.loads(Path(outputs).read_text())["outputs"]
+    records = [{"key": e["key"], "prompt": e["instruction"], "instruction_id_list": e["instruction_id_list"],
+                "kwargs": e["kwargs"]} for e in rows]
+    results = ifeval.score_records(records, {a["instruction"]: a["output"] for a in answers})
+    metrics = ifeval.report(results)
+    annotations = [{"index": i, "key": res.key, "instruction": a["instruction"], "output": a["output"],
+                    "instruction_id_list": list(res.instruction_ids), "strict": list(res.strict),
+                    "loose": list(res.loose)} for i, (res, a) in enumerate(zip(results, answers, strict=True))]
+    judge = f"ifeval-verifiers:{checker_version()}"
+    write_json(out, {"system": system, "judge": judge, "metrics": metrics, "annotations": annotations})
+    run_logger().info("%s: prompt-level strict %.2f, instruction-level strict %.2f", system,
+                      metrics["prompt_level_strict_acc"], metrics["inst_level_strict_acc"])
+    return stage_result("verify", out, key, t0, computed, system=system, judge=judge, metrics=metrics)
 
 
 @task(name="decode", cache_key_fn=stage_cache_key, task_run_name="decode-{system}")

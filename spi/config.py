@@ -64,7 +64,11 @@ class ValueConfig(Section):
     )
     backbone: str | None = Field(None, description="backbone kind: model name; same tokenizer as the policy")
     lora_rank: int = Field(0, ge=0, description="backbone kind: 0 = full fine-tune, >0 = LoRA rank")
-    fit_on: Literal["best", "all"] = Field("best", description="leaves used for fitting: argmax-r per prompt (IRO) or all")
+    fit_on: Literal["best", "all"] = Field(
+        "best", description="leaves V_k (k >= 2) is fitted on: argmax-r per prompt (IRO) or all")
+    first_iteration: Literal["policy-samples", "best-leaf"] = Field(
+        "policy-samples", description="V_1's leaves: all W*K samples of pi_0 (V_1 is the value of pi_0, as the "
+                                      "theory states) or the argmax-r leaf per prompt (the source code's choice)")
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -143,8 +147,21 @@ class IterationsConfig(Section):
 
 
 class PromptsConfig(Section):
-    train: str = Field("builtin:train", description="'builtin:train' or a JSONL/JSON file with 'instruction'")
+    train: str = Field("builtin:train", description="any spi.prompt_sets source: 'builtin:train', "
+                                                    "'generated:train', a JSON/JSONL file, a hub id")
     offset: int = Field(0, ge=0, description="first training prompt used")
+    kinds: list[str] | None = Field(None, description="generated sources (training and evaluation): constraint "
+                                                      "kinds drawn (spi.instruction_tasks); null = the default kinds")
+    max_constraints: int = Field(3, ge=1, description="generated sources: at most this many constraints a prompt")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds):
+        if kinds is not None:
+            from spi.instruction_tasks import check_kinds
+
+            check_kinds(kinds)
+        return kinds
 
 
 class BaselineConfig(Section):
@@ -172,11 +189,26 @@ class BaselineConfig(Section):
 
 
 class EvaluationConfig(Section):
-    eval_set: str = Field("builtin", description="'builtin', or an AlpacaEval JSON/JSONL file or folder")
+    task: Literal["alpaca_eval", "ifeval"] = Field(
+        "alpaca_eval", description="alpaca_eval: judged against references; ifeval: every constraint checked "
+                                   "by the verifiers (IFEval's four accuracies), no judge, no references")
+    eval_set: str = Field("builtin", description="alpaca_eval: 'builtin', or an AlpacaEval JSON/JSONL file or "
+                                                 "folder; ifeval: a prompt-set source (generated:heldout, "
+                                                 "ifbench:test, an IFEval-schema JSONL file, a hub id)")
     n_instructions: int | None = Field(32, ge=1)
     subset: Literal["first", "stratified"] = "first"
     judge: str = Field("local:minilm-bt", description="judge spec; see evaluation/judges.py")
     reference_generator: str = Field("base-greedy", description="for the builtin set: who wrote the references")
+
+    @model_validator(mode="after")
+    def _ifeval_source(self):
+        if self.task == "ifeval" and self.eval_set == "builtin":
+            raise ValueError("evaluation.eval_set must be a prompt-set source with constraints (generated:heldout, "
+                             "ifbench:test, an IFEval-schema JSONL file, a hub id) when evaluation.task is 'ifeval'")
+        if self.task == "ifeval" and self.subset == "stratified":
+            raise ValueError("evaluation.subset 'stratified' needs AlpacaEval's dataset column; use 'first' with "
+                             "evaluation.task 'ifeval'")
+        return self
 
 
 class TrackingConfig(Section):

@@ -26,7 +26,7 @@ import torch
 from spi.backends import backend_for
 from spi.config import Recipe, digest_of
 from spi.models import CausalLM
-from spi.prompts import chat_prompt_ids, load_instructions
+from spi.prompts import chat_prompt_ids
 from spi.reward import load_reward
 from spi.stagefiles import (
     is_done,
@@ -80,13 +80,56 @@ def load_policy(recipe: Recipe) -> CausalLM:
     return _policy(recipe.policy.model, recipe.policy.dtype, recipe.policy.device)
 
 
-@lru_cache(maxsize=4)
-def _reward(config, device: str):
-    return load_reward(config, device)
+_REWARDS: dict = {}
 
 
 def load_reward_model(recipe: Recipe):
-    return _reward(recipe.reward, recipe.policy.device)
+    """The recipe's reward model (one per reward config and constraint set in this process); a verifier
+    reward has the constraints of the recipe's training prompts and of its ifeval eval set registered."""
+    records = verifier_records(recipe) if recipe.reward.kind == "verifier" else []
+    key = (recipe.section_digest("reward"), digest_of(records))
+    if key not in _REWARDS:
+        if len(_REWARDS) >= 4:
+            _REWARDS.pop(next(iter(_REWARDS)))
+        _REWARDS[key] = load_reward(recipe.reward, recipe.policy.device, records)
+    return _REWARDS[key]
+
+
+def _shape(recipe: Recipe, source: str) -> dict:
+    """prompts.kinds and max_constraints shape generated sources only."""
+    if not str(source).startswith("generated:"):
+        return {}
+    return {"kinds": recipe.prompts.kinds, "max_constraints": recipe.prompts.max_constraints}
+
+
+def train_prompt_set(recipe: Recipe, count: int):
+    """The first ``count`` training prompts (a spi.prompt_sets.PromptSet)."""
+    from spi.prompt_sets import load_prompt_set
+
+    return load_prompt_set(recipe.prompts.train, count=count, **_shape(recipe, recipe.prompts.train))
+
+
+def eval_prompt_set(recipe: Recipe):
+    """The ifeval evaluation prompts: evaluation.eval_set, its first evaluation.n_instructions."""
+    from spi.prompt_sets import load_prompt_set
+
+    ev = recipe.evaluation
+    prompts = load_prompt_set(ev.eval_set, schema="ifeval", count=ev.n_instructions, **_shape(recipe, ev.eval_set))
+    if prompts.schema != "ifeval":
+        raise ValueError(f"evaluation.eval_set {ev.eval_set!r} has no constraints (IFEval schema: key, prompt, "
+                         "instruction_id_list, kwargs) and evaluation.task is 'ifeval'")
+    return prompts
+
+
+def verifier_records(recipe: Recipe) -> list[dict]:
+    """IFEval-schema records of every prompt the recipe's verifier reward scores: the training prompts of
+    all iterations and, for evaluation.task ifeval, the eval set."""
+    count = recipe.prompts.offset + max(1, recipe.iterations.count) * recipe.iterations.prompts_per_iteration
+    train = train_prompt_set(recipe, count)
+    records = list(train.records) if train.schema == "ifeval" else []
+    if recipe.evaluation.task == "ifeval":
+        records += eval_prompt_set(recipe).records
+    return records
 
 
 def load_value_models(recipe: Recipe, value_dirs: list[Path]) -> list:
@@ -99,7 +142,8 @@ def load_value_models(recipe: Recipe, value_dirs: list[Path]) -> list:
 def train_instructions(recipe: Recipe, iteration: int) -> list[str]:
     """The disjoint slice of training prompts for ``iteration`` (1-based)."""
     per = recipe.iterations.prompts_per_iteration
-    return load_instructions(recipe.prompts.train, recipe.prompts.offset + (iteration - 1) * per, per)
+    start = recipe.prompts.offset + (iteration - 1) * per
+    return train_prompt_set(recipe, start + per).texts[start:]
 
 
 def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices=None,
@@ -175,6 +219,14 @@ def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int) -> li
     return examples
 
 
+def fit_leaves(recipe: Recipe, iteration: int) -> str:
+    """The leaves V_k is fitted on ("all" or "best"): V_1 by value.first_iteration (policy-samples: all
+    W*K samples of pi_0, so V_1 is the value of pi_0; best-leaf: argmax-r per prompt), later V_k by fit_on."""
+    if iteration == 1:
+        return "all" if recipe.value.first_iteration == "policy-samples" else "best"
+    return recipe.value.fit_on
+
+
 def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path, out: Path,
                     progress=None, key: str | None = None) -> Path:
     """Fit V_k afresh (never from V_{k-1}) by Monte Carlo regression on the labelled rollouts."""
@@ -185,7 +237,7 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
     policy = load_policy(recipe)
     cfg = recipe.value
     torch.manual_seed(seed_for(recipe.seed, "value", iteration))
-    examples = value_examples(rollouts, labels, cfg.fit_on, policy.eos_ids[0])
+    examples = value_examples(rollouts, labels, fit_leaves(recipe, iteration), policy.eos_ids[0])
 
     def fit_into(folder: Path) -> None:
         if cfg.processes > 1:
@@ -292,4 +344,4 @@ def decode_system(recipe: Recipe, system: str, value_dirs: list[Path], instructi
 def heldout_instructions(recipe: Recipe, count: int) -> list[str]:
     """Training-distribution prompts after every iteration's slice: never seen by any value fit."""
     start = recipe.prompts.offset + recipe.iterations.count * recipe.iterations.prompts_per_iteration
-    return load_instructions(recipe.prompts.train, start, count)
+    return train_prompt_set(recipe, start + count).texts[start:]

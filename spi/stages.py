@@ -36,8 +36,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "W*K leaves per training prompt of iteration k: pi_0 samples (k = 1) or spi-(k-1)'s search"),
     Stage("labels", ("reward",), ("rollouts", "layout"), "every leaf scored by the reward model"),
     Stage("value", (*_POLICY, "value"), ("iteration", "rollouts", "labels"), "V_k fitted afresh"),
-    Stage("eval-set", ("seed", "evaluation.eval_set", "evaluation.n_instructions", "evaluation.subset"),
-          ("source",), "the evaluation instructions (source: the digest of a user's file)"),
+    Stage("eval-set", ("seed", "evaluation.task", "evaluation.eval_set", "evaluation.n_instructions",
+                       "evaluation.subset", "prompts.kinds", "prompts.max_constraints"),
+          ("source",), "the evaluation instructions (source: the digest of a user's file; ifeval: with the "
+                       "constraints, generated ones shaped by prompts.kinds and max_constraints)"),
     Stage("decode", (*_POLICY, *_SEARCH, "reward", "iterations.betas", "baselines.weak_to_strong_tuned",
                      "baselines.weak_to_strong_untuned", "baselines.args_weight", "baselines.args_top_k"),
           ("system", "eval_set", "value_models", "layout"), "one system answers the eval set"),
@@ -47,6 +49,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("judge", ("evaluation.judge", "reward"), ("system", "judge_model", "references", "outputs",
                                                      "allow_reward_judge", "layout"),
           "one system's outputs judged against the references (reward: the independence check reads it)"),
+    Stage("verify", (), ("system", "eval_set", "outputs", "checker"),
+          "ifeval: every constraint of one system's outputs checked (checker: the verifiers' version)"),
 )}
 
 UNKEYED = {

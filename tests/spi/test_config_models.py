@@ -56,3 +56,30 @@ def test_model_names_fail_with_instructions(tmp_path, monkeypatch):
 def test_builtin_aliases_resolve_to_folders():
     assert (resolve("minilm-l6") / "config.json").exists()
     assert (resolve("tiny-llama") / "config.json").exists()
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"evaluation": {"task": "ifeval"}}, "evaluation: Value error, evaluation.eval_set must be a prompt-set source"),
+    ({"evaluation": {"task": "ifeval", "eval_set": "generated:heldout", "subset": "stratified"}},
+     "evaluation.subset 'stratified'"),
+    ({"evaluation": {"task": "squad"}}, "evaluation.task"),
+    ({"prompts": {"kinds": ["punctuation:no_comma", "no:such_kind"]}}, "prompts.kinds"),
+    ({"prompts": {"max_constraints": 0}}, "prompts.max_constraints"),
+    ({"value": {"first_iteration": "best"}}, "value.first_iteration"),
+])
+def test_ifeval_settings_are_validated(override, named):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("smoke", override)
+    assert named in str(err.value)
+    if "kinds" in override.get("prompts", {}):
+        assert "no:such_kind" in str(err.value)
+
+
+def test_ifeval_recipes_and_the_first_iteration_default():
+    assert load_recipe("smoke").value.first_iteration == "policy-samples"
+    for name, iterations in (("ifeval-smoke", 2), ("ifeval-cpu", 3)):
+        r = load_recipe(name)
+        assert (r.reward.kind, r.evaluation.task, r.iterations.count) == ("verifier", "ifeval", iterations)
+        assert r.prompts.train == "generated:train" and r.evaluation.eval_set == "generated:heldout"
+    cpu = load_recipe("ifeval-cpu")
+    assert set(cpu.baselines.names) >= {"best-of-n", "blockwise-cd"} and cpu.baselines.budget_matched_best_of_n

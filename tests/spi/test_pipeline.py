@@ -113,3 +113,22 @@ def test_best_of_first_n_equals_best_of_n_decoded_directly(tmp_path):
         best_of_first(wide, 9)
     with pytest.raises(ValueError, match="positive integer"):
         best_of_n_rows("best-of-n:x", 4)
+
+
+@pytest.mark.parametrize("first, fit_on, expected", [("policy-samples", "best", (16, 4)),
+                                                      ("best-leaf", "all", (4, 16))])
+def test_first_iteration_fits_v1_on_all_policy_samples_or_the_best_leaf(tmp_path, first, fit_on, expected):
+    """V_1 sees all W*K leaves of a prompt (policy-samples) or one (best-leaf); V_2 follows value.fit_on."""
+    from spi.pipeline import fit_value_stage
+    from spi.stagefiles import write_jsonl
+    from spi.value import load_value_model
+
+    recipe = _tiny_recipe(tmp_path, {"value": {"first_iteration": first, "fit_on": fit_on, "holdout_fraction": 0.0}})
+    rollouts, labels = tmp_path / "rollouts.jsonl", tmp_path / "labels.jsonl"
+    write_jsonl(rollouts, [{"prompt_index": p, "instruction": f"p{p}", "prompt_ids": [5 + p, 6, 7],
+                            "leaves": [{"response": "", "response_ids": [10 + j, 11 + p], "ended": j % 2 == 0}
+                                       for j in range(4)]} for p in range(4)])
+    write_jsonl(labels, [{"prompt_index": p, "rewards": [0.1 * j for j in range(4)], "best": 3} for p in range(4)])
+    seen = [load_value_model(fit_value_stage(recipe, k, rollouts, labels, tmp_path / f"value-{k}")).report.train_sequences
+            for k in (1, 2)]
+    assert tuple(seen) == expected

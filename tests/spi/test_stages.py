@@ -12,11 +12,12 @@ from spi.stages import STAGES, UNKEYED, is_unkeyed, stage_key, stages_reading
 TINY = Path(__file__).resolve().parents[1] / "flows" / "tiny.yaml"
 # fields whose type alone does not give a valid other value
 SPECIAL = {"baselines.names": ["args"], "value.kind": "backbone", "value.solver": "ridge", "iterations.count": 1,
-           "reward.constraints": ["prompts.jsonl"]}
+           "prompts.kinds": ["punctuation:no_comma"], "reward.constraints": ["constraints.jsonl"]}
 # set beside the field so the changed recipe stays valid (the other field's own change is tested alone)
 BACKBONE = {"kind": "backbone", "backbone": "tiny-llama", "solver": "adam"}
 COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"}, "value.device": BACKBONE,
-             "value.processes": BACKBONE, "value.init_from_reward": BACKBONE}
+             "value.processes": BACKBONE, "value.init_from_reward": BACKBONE,
+             "evaluation.task": {"eval_set": "generated:heldout"}}
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:

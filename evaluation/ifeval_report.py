@@ -1,0 +1,114 @@
+"""The IFEval side of the experiment report: system rows, paired differences and markdown sections.
+
+A system verified by ``flows.tasks.verify_task`` has a file of annotations (one per prompt: its
+constraints' strict and loose verdicts) and the metrics of :func:`evaluation.ifeval.report`. Here:
+
+    system_metrics    the four accuracies and their 95% bootstrap intervals as flat row fields
+    paired_rows       spi-k minus the best baseline, minus its budget-matched Best-of-N and minus spi-(k-1),
+                      on the same prompts ({a, b, metric, diff, ci_low, ci_high}, every metric)
+    systems_section, paired_section, per_kind_section, verdict    the markdown
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from evaluation.ifeval import METRICS, PromptResult, paired_differences
+
+HEADLINE = "prompt_level_strict_acc"
+
+
+def system_metrics(metrics: dict) -> dict:
+    """{metric, metric_ci_low, metric_ci_high} for the four accuracies (percent)."""
+    out = {}
+    for m in METRICS:
+        low, high = metrics["intervals"][m]
+        out.update({m: metrics[m], f"{m}_ci_low": low, f"{m}_ci_high": high})
+    return out
+
+
+def results_of(verified: dict) -> list[PromptResult]:
+    annotations = json.loads(Path(verified["path"]).read_text())["annotations"]
+    return [PromptResult(a["key"], tuple(a["instruction_id_list"]), tuple(a["strict"]), tuple(a["loose"]))
+            for a in annotations]
+
+
+def _matches(row: dict) -> list[str]:
+    return [s.strip() for s in (row.get("matches") or "").split(",") if s.strip()]
+
+
+def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]], seed: int = 0) -> list[dict]:
+    """Each spi-k against the best baseline (by prompt-level strict accuracy), the Best-of-N matched to
+    its tokens and spi-(k-1): one row per metric, with the reason for the pairing."""
+    baselines = [r for r in rows if r["iteration"] is None and not r.get("matches")]
+    best = max(baselines, key=lambda r: r[HEADLINE], default=None)
+    by_iteration = {r["iteration"]: r for r in rows if r["iteration"] is not None}
+    out = []
+    for k, row in sorted(by_iteration.items()):
+        rivals = [(best, "best baseline")] if best else []
+        rivals += [(r, "same generated tokens") for r in rows if row["system"] in _matches(r)]
+        if k - 1 in by_iteration:
+            rivals.append((by_iteration[k - 1], "previous iteration"))
+        for rival, why in rivals:
+            diffs = paired_differences(row["system"], results_of(judged[row["system"]][1]), rival["system"],
+                                       results_of(judged[rival["system"]][1]), seed=seed)
+            out += [{**d, "why": why, "within_noise": d["ci_low"] <= 0 <= d["ci_high"]} for d in diffs]
+    return out
+
+
+def verdict(paired: list[dict]) -> str:
+    headline = [p for p in paired if p["metric"] == HEADLINE]
+    beyond = [f"{p['a']} vs {p['b']} ({p['diff']:+.2f})" for p in headline if not p["within_noise"]]
+    if beyond:
+        return "Prompt-level strict accuracy differs beyond noise (95% paired interval excludes 0): " \
+               + "; ".join(beyond) + "."
+    return ("No SPI iteration differs from the systems it is paired with beyond noise in prompt-level strict "
+            "accuracy (every 95% paired interval holds 0).") if headline else ""
+
+
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
+
+
+def systems_section(rows: list[dict]) -> list[str]:
+    out = ["", "## Systems (IFEval accuracies, percent, 95% bootstrap intervals over prompts)", "",
+           "Compute per evaluation prompt; SPI's rollouts and reward labels are amortised over the evaluation "
+           "prompts (spi-k: iterations 1..k, blockwise-cd: iteration 1).", "",
+           "| system | iter | mean reward | prompt strict | inst strict | prompt loose | inst loose | generated tokens "
+           "| tokens incl. training | reward calls incl. training |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
+        cells = [f"{r[m]:.1f} [{_num(r[f'{m}_ci_low'], '.1f')}, {_num(r[f'{m}_ci_high'], '.1f')}]" for m in METRICS]
+        out.append(f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} "
+                   f"| {_num(r['mean_reward'], '.4f')} | " + " | ".join(cells)
+                   + f" | {r['generated_tokens']} | {_num(r.get('tokens_per_instruction'), '.0f')} "
+                   f"| {_num(r.get('reward_calls_per_instruction'), '.1f')} |")
+    return out
+
+
+def paired_section(paired: list[dict]) -> list[str]:
+    out = ["", "## Paired differences (percentage points, same prompts)", "",
+           "| system | against | why | metric | difference | 95% CI | reading |", "|---|---|---|---|---|---|---|"]
+    for p in paired:
+        reading = "within noise" if p["within_noise"] else ("better" if p["diff"] > 0 else "worse")
+        out.append(f"| {p['a']} | {p['b']} | {p['why']} | {p['metric']} | {p['diff']:+.2f} "
+                   f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {reading} |")
+    return out
+
+
+def per_kind_section(rows: list[dict], judged: dict[str, tuple[dict, dict]]) -> list[str]:
+    """Strict accuracy per constraint kind (instruction id), one column per system."""
+    kinds = {name: judged[name][1]["metrics"]["per_kind"] for name in (r["system"] for r in rows)}
+    ids = sorted({k for table in kinds.values() for k in table if ":" in k})
+    if not ids:
+        return []
+    names = [r["system"] for r in rows]
+    out = ["", "## Strict accuracy per constraint kind (percent; n = constraints)", "",
+           "| kind | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for kind in ids:
+        n = next(t[kind]["n"] for t in kinds.values() if kind in t)
+        cells = [_num(kinds[s].get(kind, {}).get("strict_acc"), ".1f") for s in names]
+        out.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    return out
