@@ -112,12 +112,15 @@ def fit_local_judge(
     refit: bool = False,
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
-    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
+    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
+    the copy the package ships for minilm-bt)."""
     import shutil
 
-    from evaluation.judging import ensure_local_judge, local_judge_folder
+    from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
 
     folder = Path(out) if out else local_judge_folder(name)
+    if folder == embedded_judge_folder(name):  # never retrain over the package's own copy
+        folder = judges_dir() / name
     if refit and folder.exists():
         shutil.rmtree(folder)
     folder = ensure_local_judge(name, data_dir, n_instructions, backbone, out=folder)
