@@ -4,8 +4,6 @@ command and settings (CI has ../shared; skipped with the reason where it is abse
 
 import importlib.util
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

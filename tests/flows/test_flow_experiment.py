@@ -269,7 +269,12 @@ def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path
 
 def test_promotion_through_the_flow_with_and_without_margin(experiment, tmp_path, capsys):
     from mlflow_store import tracking
-    from mlflow_store.registry import ANNOTATIONS_ARTIFACT, get_version, register_value_model, version_judgements
+    from mlflow_store.registry import (
+        ANNOTATIONS_ARTIFACT,
+        get_version,
+        register_value_model,
+        version_judgements,
+    )
 
     workdir, summary, _ = experiment
     uri = summary["tracking_uri"]
