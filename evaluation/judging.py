@@ -1,5 +1,5 @@
 """Judging outputs: the judgement cache, judge_pairs, one system's annotations and metrics, and the
-local judge's folder (trained on first use).
+local judge's folder (shipped with the package for the default, else trained on first use).
 
 Which judges exist, how a spec is parsed and checked, and what identifies a judge's answers is the
 registry's business (evaluation/judges.py); this module scores with a judge it is given. No Prefect
@@ -22,6 +22,8 @@ from spi.stagefiles import write_folder
 log = logging.getLogger("evaluation.judging")
 
 LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained judge sees
+EMBEDDED_JUDGES = Path(__file__).resolve().parent / "judges_data"  # package data: trained heads
+HEAD_FILE = "judge_head.json"
 
 
 class JudgementCache:
@@ -139,12 +141,25 @@ def judges_dir() -> Path:
     return Path(root) / "judges"
 
 
+def embedded_judge_folder(name: str) -> Path:
+    """Where the package ships the trained head of local judge ``name`` (evaluation/judges_data/NAME):
+    the head and its metadata, a few KB; the backbone's weights come from their own package."""
+    return EMBEDDED_JUDGES / name
+
+
 def local_judge_folder(name: str) -> Path:
-    """Folder of the ``local:NAME`` judge: NAME itself when it is a folder, else $SPI_CACHE_DIR/judges/NAME."""
+    """Folder of the ``local:NAME`` judge, the first of: NAME itself when it is a folder; a judge trained
+    under $SPI_CACHE_DIR/judges/NAME (the fit-local-judge flow writes there); the judge the package ships
+    (evaluation/judges_data/NAME, so ``local:minilm-bt`` needs no data and no training); else the cache
+    folder, where it would be trained."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
-    return judges_dir() / name
+    trained = judges_dir() / name
+    embedded = embedded_judge_folder(name)
+    if not (trained / HEAD_FILE).is_file() and (embedded / HEAD_FILE).is_file():
+        return embedded
+    return trained
 
 
 def local_judge_data(name: str, folder: Path, data_dir: str | os.PathLike | None = None) -> Path:
@@ -165,7 +180,7 @@ def local_judge_data(name: str, folder: Path, data_dir: str | os.PathLike | None
 def check_local_judge(name: str) -> None:
     """Fail, loading nothing, when local judge ``name`` is neither trained nor trainable here."""
     folder = local_judge_folder(name)
-    if not (folder / "judge_head.json").is_file():
+    if not (folder / HEAD_FILE).is_file():
         local_judge_data(name, folder)
 
 
@@ -178,7 +193,7 @@ def ensure_local_judge(
 ) -> Path:
     """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent."""
     folder = Path(out) if out else local_judge_folder(name)
-    if (folder / "judge_head.json").is_file():
+    if (folder / HEAD_FILE).is_file():
         return folder
     data = local_judge_data(name, folder, data_dir)
     from evaluation.data import load_eval_set, subset
@@ -225,30 +240,39 @@ def judge_rows(judge, eval_rows: list[dict], outputs: list[dict], cache=None) ->
 
 def annotation_metrics(annotations: list[dict], n_boot: int = 2000) -> dict:
     """Metrics of all of a system's annotations: win_rate (+ standard error, bootstrap CI), discrete win
-    rate, the LC win rate where it can be fitted (None otherwise), avg_length."""
-    from evaluation.metrics import win_rate_ci, win_rate_metrics
+    rate, the LC win rate, avg_length. A metric that cannot be estimated from this sample (an interval
+    below MIN_BOOTSTRAP_INSTRUCTIONS, LC below MIN_LC_INSTRUCTIONS or without a converged GLM) is None,
+    and ``not_available`` maps its name to the reason; tables print "n/a"."""
+    from evaluation.length_control import length_controlled_win_rate
+    from evaluation.metrics import NotEstimable, win_rate_ci, win_rate_metrics
 
     prefs = [a["preference"] for a in annotations]
     answers = [a["output"] for a in annotations]
     metrics = win_rate_metrics(prefs)
-    if len(prefs) >= 2:
-        _, low, high = win_rate_ci(prefs, n_boot=n_boot)
-        metrics.update(win_rate_ci_low=low, win_rate_ci_high=high)
-    metrics["length_controlled_winrate"] = metrics["lc_standard_error"] = None
+    metrics.update(win_rate_ci_low=None, win_rate_ci_high=None, length_controlled_winrate=None,
+                   lc_standard_error=None)
+    missing = {}
     try:
-        from evaluation.length_control import length_controlled_win_rate
-
-        idx = [a["index"] for a in annotations]
+        _, metrics["win_rate_ci_low"], metrics["win_rate_ci_high"] = win_rate_ci(prefs, n_boot=n_boot)
+    except NotEstimable as err:
+        missing["win_rate_ci"] = str(err)
+    if not math.isfinite(metrics["standard_error"]):
+        metrics["standard_error"] = metrics["discrete_standard_error"] = None
+        missing["standard_error"] = f"a standard error needs at least 2 instructions, got {len(prefs)}"
+    idx = [a["index"] for a in annotations]
+    try:
         lc = length_controlled_win_rate(
             dict(zip(idx, prefs, strict=True)),
             dict(zip(idx, answers, strict=True)),
             dict(zip(idx, [a["reference"] for a in annotations], strict=True)),
-            n_splits=min(5, len(prefs)),
         )
         metrics["length_controlled_winrate"] = lc["length_controlled_winrate"]
         metrics["lc_standard_error"] = lc["lc_standard_error"]
-    except Exception as err:  # too few or degenerate preferences: the LC GLM cannot be fitted
-        log.info("length-controlled win rate not computable: %s", err)
+    except NotEstimable as err:
+        missing["length_controlled_winrate"] = str(err)
+    for key, reason in missing.items():
+        log.info("%s not available: %s", key, reason)
+    metrics["not_available"] = missing
     metrics["avg_length"] = sum(len(a) for a in answers) / max(len(answers), 1)
     return metrics
 

@@ -14,6 +14,11 @@ Instruction difficulty comes from :func:`instruction_difficulty`, a joint fit ov
 preferences are given (per-model bias and length slope, one effect per instruction). The gamed
 baselines' annotations are not public: :func:`gamed_baseline_rows` rebuilds their soft labels from their
 outputs and their published GLM weights. No scored model is ever looked up by name.
+
+Below MIN_LC_INSTRUCTIONS, or when a fit does not converge, there is no LC win rate: the functions raise
+:class:`evaluation.metrics.NotEstimable` with the reason, and callers report "n/a (reason)". 30 is the
+events-per-variable rule (about 10 rows per fitted weight; the GLM fits theta, phi and psi) and leaves
+the 5-fold CV at least 6 instructions per fold; AlpacaEval itself fits it on 805.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from evaluation.metrics import NotEstimable, require_instructions
+
 GAMED_BASELINES = ("gpt4_1106_preview_verbose", "gpt4_1106_preview_concise")
 WEIGHT_COLUMNS = ("np.tanh(std_delta_len)", "instruction_difficulty", "not_gamed_baseline.astype(float)")
 DEFAULT_CS = tuple(np.logspace(-4, 4, 10))  # sklearn LogisticRegressionCV's default grid
+MIN_LC_INSTRUCTIONS = 30
 
 
 def _sigmoid(z):
@@ -54,13 +62,18 @@ def fit_soft_logistic_cv(
     n_splits: int = 5,
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 123,
+    max_iter: int = 100,
 ) -> np.ndarray:
     """L1 logistic regression (no intercept) on soft labels y in [0, 1]; C picked by k-fold CV.
 
     Soft labels are fitted exactly by duplicating each row as a positive with weight w*y and a
     negative with weight w*(1-y); folds split rows, never a row's two copies.
-    Returns the coefficient vector refitted on all rows with the best C.
+    Returns the coefficient vector refitted on all rows with the best C; :class:`NotEstimable` when a
+    fit does not converge within ``max_iter`` iterations.
     """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
@@ -74,8 +87,16 @@ def fit_soft_logistic_cv(
         if len(np.unique(yd[keep])) < 2:  # all labels on one side: nudge with a negligible opposite copy
             keep[:] = True
             wd = np.maximum(wd, 1e-9)
-        model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=seed)
-        model.fit(Xd[keep], yd[keep], sample_weight=wd[keep])
+        model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=seed,
+                                   max_iter=max_iter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            try:
+                model.fit(Xd[keep], yd[keep], sample_weight=wd[keep])
+            except ConvergenceWarning as err:
+                raise NotEstimable(f"the length-control GLM did not converge (C={C:g}, {max_iter} iterations)") from err
+        if not np.all(np.isfinite(model.coef_)):
+            raise NotEstimable(f"the length-control GLM gave non-finite weights (C={C:g})")
         return model.coef_[0]
 
     rows = np.arange(len(y))
@@ -202,16 +223,17 @@ def length_controlled_win_rate(
     gamed: GamedRows | None = None,
     regularize_lambda: float = 0.2,
     n_splits: int = 5,
+    min_instructions: int = MIN_LC_INSTRUCTIONS,
 ) -> dict[str, float]:
     """LC v1 win rate of one model from its preferences and outputs against the references.
 
     ``difficulty`` None drops the difficulty term (psi = 0); ``gamed`` None (or empty) fits without the
     regularisation toward the gamed baselines. Returns length_controlled_winrate, lc_standard_error
-    and the fitted weights phi, psi, theta.
+    and the fitted weights phi, psi, theta; :class:`NotEstimable` below ``min_instructions`` judged
+    instructions or when the GLM does not converge.
     """
     idx = [i for i in sorted(preferences) if i in outputs and i in references]
-    if len(idx) < 2:
-        raise ValueError("length-controlled win rate needs at least two judged instructions")
+    require_instructions(len(idx), min_instructions, "a length-controlled win rate")
     y = np.array([preferences[i] for i in idx], dtype=float) - 1.0
     tl = tanh_std_delta_len([len(references[i]) for i in idx], [len(outputs[i]) for i in idx])
     diff = np.array([difficulty.get(i, 0.0) for i in idx]) if difficulty is not None else np.zeros(len(idx))

@@ -3,6 +3,11 @@
 Conventions follow AlpacaEval's ``get_winrate``: raw win rate = 100 * mean(p - 1); a win is p > 1.5,
 a loss p < 1.5, a draw p == 1.5; discrete win rate = 100 * (wins + draws / 2) / n; standard errors
 are the standard error of the mean (ddof=1) times 100.
+
+A number that needs a sample size is not computed below it: :class:`NotEstimable` says why, and the
+caller reports the metric as not available with that reason (None, never a number). Intervals over
+instructions need MIN_BOOTSTRAP_INSTRUCTIONS: below 5 a percentile bootstrap of a mean has at most
+35 distinct resamples (4 instructions) and its "95%" interval is the sample's range, not an interval.
 """
 
 from __future__ import annotations
@@ -10,6 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+MIN_BOOTSTRAP_INSTRUCTIONS = 5
+
+
+class NotEstimable(ValueError):
+    """A metric that cannot honestly be estimated from this sample (too few instructions, no convergence)."""
+
+
+def require_instructions(n: int, minimum: int, what: str) -> None:
+    """Raise :class:`NotEstimable` naming ``what`` when fewer than ``minimum`` instructions are given."""
+    if n < minimum:
+        raise NotEstimable(f"{what} needs at least {minimum} instructions, got {n}")
 
 
 def _as_array(preferences: Sequence[float]) -> np.ndarray:
@@ -69,6 +86,7 @@ def bootstrap_ci(
 def win_rate_ci(preferences: Sequence[float], **kwargs) -> tuple[float, float, float]:
     """Raw win rate (points) with a bootstrap confidence interval over instructions."""
     p = _as_array(preferences)
+    require_instructions(len(p), MIN_BOOTSTRAP_INSTRUCTIONS, "a win-rate interval")
     point, low, high = bootstrap_ci(100.0 * (p - 1.0), **kwargs)
     return point, low, high
 
@@ -85,13 +103,14 @@ def paired_comparison(
 
     Returns the mean difference of win rates (A - B, points), its bootstrap CI over instructions, a
     two-sided bootstrap p-value (from the sign-flipped, centred bootstrap distribution) and a
-    paired t-test p-value for reference.
+    paired t-test p-value for reference. :class:`NotEstimable` below MIN_BOOTSTRAP_INSTRUCTIONS.
     """
     from scipy import stats
 
     a, b = _as_array(preferences_a), _as_array(preferences_b)
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same instructions: {len(a)} vs {len(b)} preferences")
+    require_instructions(len(a), MIN_BOOTSTRAP_INSTRUCTIONS, "a paired interval")
     d = 100.0 * (a - b)
     point, low, high = bootstrap_ci(d, n_boot=n_boot, alpha=alpha, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -107,3 +126,41 @@ def paired_comparison(
         "p_value_t": p_t,
         "n": len(d),
     }
+
+
+def check_margin(margin: float) -> float:
+    """A promotion margin as a float; negative (promote a worse model) or not finite is an error."""
+    value = float(margin)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"margin must be a finite number >= 0 (win-rate points the candidate must gain), got {margin}")
+    return value
+
+
+def promotion_gate(candidate: dict, champion: dict, margin: float, **kwargs) -> dict:
+    """Should the candidate replace the champion? Both are judge payloads ({"judge", "annotations"}, the
+    judge stage's file). The instructions both were judged on, against the same reference by the same
+    judge, are paired; promote iff the lower bound of the bootstrap interval of the paired win-rate
+    difference (candidate - champion, points) exceeds ``margin`` (>= 0).
+
+    Returns {promoted, reason, mean_difference, ci_low, ci_high, n, instructions (indices), margin};
+    the interval fields are None where no interval could be formed (the reason says why)."""
+    margin = check_margin(margin)
+    result = {"promoted": False, "mean_difference": None, "ci_low": None, "ci_high": None, "n": 0,
+              "instructions": [], "margin": margin}
+    if candidate.get("judge") != champion.get("judge"):
+        return {**result, "reason": f"judged by different judges ({candidate.get('judge')} vs "
+                                    f"{champion.get('judge')}): no paired comparison"}
+    champ = {(a["instruction"], a["reference"]): a for a in champion["annotations"]}
+    pairs = [(a, champ[(a["instruction"], a["reference"])]) for a in candidate["annotations"]
+             if (a["instruction"], a["reference"]) in champ]
+    result.update(n=len(pairs), instructions=[a["index"] for a, _ in pairs])
+    try:
+        diff = paired_comparison([a["preference"] for a, _ in pairs], [b["preference"] for _, b in pairs], **kwargs)
+    except NotEstimable as err:
+        return {**result, "reason": f"not promoted: {err} judged for both"}
+    promoted = diff["ci_low"] > margin
+    verb = "exceeds" if promoted else "does not exceed"
+    reason = (f"paired win-rate difference {diff['mean_difference']:+.2f} points on {len(pairs)} instructions, "
+              f"95% CI [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}]: lower bound {verb} margin {margin:g}")
+    return {**result, "promoted": promoted, "reason": reason, "mean_difference": diff["mean_difference"],
+            "ci_low": diff["ci_low"], "ci_high": diff["ci_high"]}

@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from evaluation.metrics import paired_comparison
+from evaluation.metrics import NotEstimable, paired_comparison
 
 
 def training_iterations(system: str, iteration: int | None) -> int:
@@ -78,12 +78,16 @@ def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]]) -> list[
         rivals = [best] if best else []
         rivals += [r for r in rows if r.get("matches") == row["system"]]
         for rival in rivals:
-            diff = paired_comparison(preferences(judged[row["system"]][1]), preferences(judged[rival["system"]][1]))
-            out.append({
-                "system": row["system"], "against": rival["system"],
-                "why": "best baseline" if rival is best else "same generated tokens",
-                **diff, "within_noise": diff["ci_low"] <= 0 <= diff["ci_high"],
-            })
+            why = "best baseline" if rival is best else "same generated tokens"
+            try:
+                diff = paired_comparison(preferences(judged[row["system"]][1]), preferences(judged[rival["system"]][1]))
+            except NotEstimable as err:  # too few instructions for an interval: no reading either way
+                out.append({"system": row["system"], "against": rival["system"], "why": why, "mean_difference": None,
+                            "ci_low": None, "ci_high": None, "p_value": None, "within_noise": True,
+                            "not_available": str(err)})
+                continue
+            out.append({"system": row["system"], "against": rival["system"], "why": why,
+                        **diff, "within_noise": diff["ci_low"] <= 0 <= diff["ci_high"]})
     return out
 
 
@@ -176,6 +180,12 @@ def _num(x, fmt: str) -> str:
     return format(x, fmt) if isinstance(x, (int, float)) and x is not None and math.isfinite(x) else "n/a"
 
 
+def shown(x, fmt: str, reason: str | None = None) -> str:
+    """A number as text; "n/a (reason)" when it is not available (None or not finite)."""
+    text = _num(x, fmt)
+    return f"{text} ({reason})" if text == "n/a" and reason else text
+
+
 def render(head: list[str], rows: list[dict], iterations: list[dict], paired: list[dict], plots: list[str],
            example_lines: list[str], promotions: list[dict], ifeval_lines: list[str] | None = None) -> str:
     """The markdown; ``ifeval_lines`` (the IFEval systems, paired and per-kind sections) replace the
@@ -222,6 +232,9 @@ def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
         out += ["", "## Paired differences (win rate points, same instructions)", "",
                 "| system | against | why | difference | 95% CI | p | reading |", "|---|---|---|---|---|---|---|"]
         for p in paired:
+            if p.get("not_available"):
+                out.append(f"| {p['system']} | {p['against']} | {p['why']} | n/a | n/a | n/a | {p['not_available']} |")
+                continue
             reading = "within noise" if p["within_noise"] else ("better" if p["mean_difference"] > 0 else "worse")
             out.append(f"| {p['system']} | {p['against']} | {p['why']} | {p['mean_difference']:+.2f} "
                        f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {reading} |")

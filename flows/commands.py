@@ -1,7 +1,7 @@
 """``spi run``, ``spi promote`` and ``spi generate`` (mounted by flows/cli.py through :func:`add_commands`).
 
     spi run RECIPE [--set section.field=value ...] [--workdir DIR] [--summary-json FILE]
-    spi promote NAME [--workdir DIR | --tracking-uri URI] [--margin M] [--metric win_rate] [--stages]
+    spi promote NAME [--workdir DIR | --tracking-uri URI] [--margin M >= 0] [--stages]
     spi generate --prompts SOURCE (--system NAME --workdir DIR [--recipe R] | --model models:/NAME@ALIAS)
                  --out OUT.jsonl     a fitted system answers any prompts (spi.generate); resumable
 
@@ -66,8 +66,9 @@ def add_commands(subparsers) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workdir", default="runs", help="work directory whose mlflow.db holds the registry")
     where.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
-    p.add_argument("--margin", type=float, default=0.0, help="win-rate points the candidate must gain")
-    p.add_argument("--metric", default="win_rate", help="version tag compared (default win_rate)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="win-rate points (>= 0) that the lower bound of the 95%% paired interval of "
+                   "candidate - champion must exceed")
     p.add_argument("--stages", action="store_true", help="also mirror the deprecated registry stages")
     p.set_defaults(func=cmd_promote)
     add_generate_command(subparsers)
@@ -228,9 +229,14 @@ def _finite(x):
 
 
 def cmd_promote(args) -> int:
+    from evaluation.metrics import check_margin
     from mlflow_store.tracking import default_tracking_uri
 
     errors = bad_input_errors()
+    try:
+        check_margin(args.margin)
+    except ValueError as err:
+        return report_error(ValueError(f"--margin: {err}"))
     if not args.tracking_uri and not (Path(args.workdir) / "mlflow.db").is_file():
         return report_error(
             LookupError(
@@ -250,7 +256,6 @@ def cmd_promote(args) -> int:
             registered_model=args.registered_model,
             tracking_uri=uri,
             margin=args.margin,
-            metric=args.metric,
             use_stages=args.stages,
         )
     except errors as err:

@@ -3,7 +3,7 @@
     evaluate_value_model  score a registered guided policy (models:/NAME@ALIAS: the promoted system,
                           spi-k with all its value models) or a file of outputs
     fit_local_judge       train the local Bradley-Terry judge (evaluation.trained_judge)
-    promote_value_model   move ``champion`` to ``candidate`` when it wins by the margin
+    promote_value_model   move ``champion`` to ``candidate`` when its paired interval clears the margin
 """
 
 from __future__ import annotations
@@ -112,12 +112,15 @@ def fit_local_judge(
     refit: bool = False,
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
-    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it ($SPI_CACHE_DIR/judges/NAME)."""
+    SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
+    the copy the package ships for minilm-bt)."""
     import shutil
 
-    from evaluation.judging import ensure_local_judge, local_judge_folder
+    from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
 
     folder = Path(out) if out else local_judge_folder(name)
+    if folder == embedded_judge_folder(name):  # never retrain over the package's own copy
+        folder = judges_dir() / name
     if refit and folder.exists():
         shutil.rmtree(folder)
     folder = ensure_local_judge(name, data_dir, n_instructions, backbone, out=folder)
@@ -132,12 +135,14 @@ def promote_value_model(
     tracking_uri: str | None = None,
     workdir: str = "runs",
     margin: float = 0.0,
-    metric: str = "win_rate",
     use_stages: bool = False,
 ) -> dict:
-    """Move ``champion`` to the ``candidate`` version iff it beats the champion's ``metric`` by more
-    than ``margin`` points. tracking_uri default: the SQLite file of ``workdir``."""
+    """Move ``champion`` to the ``candidate`` version iff the lower bound of the 95% paired bootstrap
+    interval of their win-rate difference (same instructions, same judge) exceeds ``margin`` points
+    (>= 0). tracking_uri default: the SQLite file of ``workdir``."""
+    from evaluation.metrics import check_margin
     from mlflow_store.tracking import default_tracking_uri
 
+    margin = check_margin(margin)  # a clear error before anything is looked up
     uri = tracking_uri or default_tracking_uri(workdir)
-    return records.promote_task(uri, registered_model, margin, metric, use_stages)
+    return records.promote_task(uri, registered_model, margin, use_stages)

@@ -167,14 +167,16 @@ def register_task(tracking_uri: str, name: str, run_id: str, folder: str, metric
 
 
 @task(name="promote", **IO_RETRIES)
-def promote_task(
-    tracking_uri: str, name: str, margin: float, metric: str = "win_rate", use_stages: bool = False
-) -> dict:
-    """Move alias ``champion`` to ``candidate`` iff it beats the champion by more than ``margin``."""
+def promote_task(tracking_uri: str, name: str, margin: float, use_stages: bool = False) -> dict:
+    """Move alias ``champion`` to ``candidate`` iff the lower bound of the paired bootstrap interval of
+    their win-rate difference on the same instructions exceeds ``margin`` (>= 0; evaluation.metrics.
+    promotion_gate). The decision, the interval and the instructions are tags on the version. Callers
+    check the margin first (evaluation.metrics.check_margin), so a bad one fails once, unretried."""
     from dataclasses import asdict
 
+    from evaluation.metrics import check_margin, promotion_gate
     from mlflow_store.registry import promote
 
-    decision = promote(tracking_uri, name, margin, metric=metric, use_stages=use_stages)
+    decision = promote(tracking_uri, name, check_margin(margin), promotion_gate, use_stages=use_stages)
     run_logger().info("promotion of %s: %s", name, decision.reason)
     return asdict(decision)

@@ -261,12 +261,11 @@ def judge_task(
 
 
 def log_win_rate(system: str, m: dict) -> None:
-    lc = m["length_controlled_winrate"]
-    run_logger().info(
-        "%s: win rate %.2f [%.2f, %.2f], LC %s",
-        system,
-        m["win_rate"],
-        m.get("win_rate_ci_low", float("nan")),
-        m.get("win_rate_ci_high", float("nan")),
-        "n/a" if lc is None else f"{lc:.2f}",
-    )
+    """One log line of a system's numbers; a metric not available shows "n/a (reason)"."""
+    from evaluation.report import shown
+
+    missing = m.get("not_available") or {}
+    low, high = m.get("win_rate_ci_low"), m.get("win_rate_ci_high")
+    ci = f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else shown(None, "", missing.get("win_rate_ci"))
+    lc = shown(m.get("length_controlled_winrate"), ".2f", missing.get("length_controlled_winrate"))
+    run_logger().info("%s: win rate %.2f %s, LC %s", system, m["win_rate"], ci, lc)

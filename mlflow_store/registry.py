@@ -4,16 +4,19 @@ A registered folder is opaque here: a guided policy (``spi.systems.write_guided_
 the base model's name and every value model with its beta), or a value model folder. It is logged as an
 artifact directory of a child run and registered as a new version of a registered model, with its
 evaluation numbers as version tags and the alias ``candidate``. ``promote`` moves the alias
-``champion`` to the candidate only when it beats the champion by more than a margin. Registry
+``champion`` to the candidate only when a gate (given by the caller: the paired bootstrap interval of
+the two versions' judgements on the same instructions) puts it above the champion by more than a margin. Registry
 stages are deprecated in MLflow 3; they are mirrored only when asked (``use_stages=True``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,19 +38,22 @@ class RegistryError(LookupError):
 
 @dataclass(frozen=True)
 class PromotionDecision:
-    """What ``promote`` decided and why."""
+    """What ``promote`` decided and why; the interval is the paired win-rate difference candidate -
+    champion (points) on ``instructions``, None where none was formed."""
 
     name: str
     promoted: bool
     candidate_version: str
     champion_version: str | None  # the champion before the decision
-    metric: str
-    candidate_value: float | None
-    champion_value: float | None
     margin: float
     reason: str
+    mean_difference: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    instructions: tuple = ()
 
 
+ANNOTATIONS_ARTIFACT = "judge_annotations"  # the child run's artifact folder: the judge stage's file
 def register_value_model(
     tracking_uri: str,
     name: str,
@@ -112,51 +118,68 @@ def get_version(tracking_uri: str, name: str, alias_or_version: str | int):
 
 def metric_of(tracking_uri: str, name: str, alias_or_version: str | int, metric: str) -> float | None:
     """The evaluation number ``metric`` recorded as a tag on a version, or None."""
-    value = get_version(tracking_uri, name, alias_or_version).tags.get(metric)
-    return float(value) if value is not None else None
+    return _tag_float(get_version(tracking_uri, name, alias_or_version), metric)
+
+
+def version_judgements(tracking_uri: str, name: str, mv, dest: str | os.PathLike) -> dict | None:
+    """The judge stage's file ({"judge", "annotations"}) logged with the run of version ``mv``, or None."""
+    client = client_for(tracking_uri)
+    if not mv.run_id:
+        return None
+    files = [f for f in client.list_artifacts(mv.run_id, ANNOTATIONS_ARTIFACT) if f.path.endswith(".json")]
+    if len(files) != 1:
+        return None
+    local = download_artifacts(tracking_uri, mv.run_id, files[0].path, Path(dest) / f"{name}-v{mv.version}")
+    return json.loads(Path(local).read_text())
 
 
 def promote(
     tracking_uri: str,
     name: str,
     margin: float,
-    metric: str = "win_rate",
+    gate: Callable[[dict, dict, float], dict] | None = None,
     use_stages: bool = False,
 ) -> PromotionDecision:
-    """Move alias ``champion`` to the ``candidate`` version iff candidate's ``metric`` exceeds the
-    champion's by more than ``margin`` points (no champion: promote). Records the reason as the tag
-    ``spi.promotion`` on the candidate version; with ``use_stages`` also mirrors the deprecated stages
-    (promoted -> Production, previous versions archived; not promoted -> Staging)."""
+    """Move alias ``champion`` to the ``candidate`` version when ``gate`` says so (no champion yet:
+    promote). ``gate(candidate, champion, margin)`` gets both versions' judgements (the judge stage's
+    files logged with their runs) and returns {promoted, reason, mean_difference, ci_low, ci_high,
+    instructions} (flows pass evaluation.metrics.promotion_gate: the paired interval's lower bound must
+    exceed the margin). A negative margin is an error. The decision, the interval and the instructions
+    used are recorded as ``spi.promotion*`` tags on the candidate version; with ``use_stages`` the
+    deprecated stages are mirrored too (promoted -> Production, previous archived; else Staging)."""
+    if not (float(margin) >= 0):
+        raise ValueError(f"margin must be >= 0 (win-rate points the candidate must gain), got {margin}")
     client = client_for(tracking_uri)
     cand = get_version(tracking_uri, name, CANDIDATE)
     aliases = dict(client.get_registered_model(name).aliases)
     champ = client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
-    cand_value = _tag_float(cand, metric)
-    champ_value = _tag_float(champ, metric) if champ is not None else None
-
+    result: dict = {}
     if champ is not None and str(champ.version) == str(cand.version):
         promoted, reason = False, f"version {cand.version} is already the champion"
-    elif cand_value is None:
-        promoted, reason = False, f"candidate version {cand.version} has no {metric!r} tag"
     elif champ is None:
-        promoted, reason = True, f"no champion yet; candidate {metric}={cand_value:g}"
-    elif champ_value is None:
-        promoted, reason = (
-            True,
-            (f"champion version {champ.version} has no {metric!r} tag; candidate {metric}={cand_value:g}"),
-        )
+        promoted, reason = True, "no champion yet"
     else:
-        gain = cand_value - champ_value
-        promoted = gain > margin
-        verb = "exceeds" if promoted else "does not exceed"
-        reason = (
-            f"candidate {metric}={cand_value:g} vs champion (version {champ.version}) "
-            f"{champ_value:g}: gain {gain:+g} {verb} margin {margin:g}"
-        )
-
+        with tempfile.TemporaryDirectory() as tmp:
+            found = {v.version: version_judgements(tracking_uri, name, v, tmp) for v in (cand, champ)}
+        lacking = [f"version {v}" for v, j in found.items() if j is None]
+        if lacking:
+            promoted, reason = False, f"{' and '.join(lacking)} logged no {ANNOTATIONS_ARTIFACT}: nothing to pair"
+        elif gate is None:
+            raise TypeError("promote needs a gate to compare a candidate with a champion "
+                            "(flows pass evaluation.metrics.promotion_gate)")
+        else:
+            result = gate(found[cand.version], found[champ.version], float(margin))
+            promoted, reason = bool(result["promoted"]), f"against champion version {champ.version}: {result['reason']}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(cand.version))
-    client.set_model_version_tag(name, str(cand.version), TAG_PROMOTION, reason)
+    decision = PromotionDecision(
+        name=name, promoted=promoted, candidate_version=str(cand.version),
+        champion_version=str(champ.version) if champ is not None else None, margin=float(margin), reason=reason,
+        mean_difference=result.get("mean_difference"), ci_low=result.get("ci_low"), ci_high=result.get("ci_high"),
+        instructions=tuple(result.get("instructions", ())),
+    )
+    for key, value in _promotion_tags(decision).items():
+        client.set_model_version_tag(name, str(cand.version), key, value)
     if use_stages:
         stage = "Production" if promoted else "Staging"
         with warnings.catch_warnings():
@@ -164,17 +187,20 @@ def promote(
             client.transition_model_version_stage(
                 name, str(cand.version), stage, archive_existing_versions=promoted
             )
-    return PromotionDecision(
-        name=name,
-        promoted=promoted,
-        candidate_version=str(cand.version),
-        champion_version=str(champ.version) if champ is not None else None,
-        metric=metric,
-        candidate_value=cand_value,
-        champion_value=champ_value,
-        margin=float(margin),
-        reason=reason,
-    )
+    return decision
+
+
+def _promotion_tags(d: PromotionDecision) -> dict[str, str]:
+    """The decision as version tags: spi.promotion (the reason), .decision, .margin, .champion_version, the
+    interval and the instructions used (indices, and their count)."""
+    tags = {TAG_PROMOTION: d.reason, f"{TAG_PROMOTION}.decision": "promoted" if d.promoted else "not promoted",
+            f"{TAG_PROMOTION}.margin": repr(d.margin), f"{TAG_PROMOTION}.champion_version": str(d.champion_version)}
+    for key in ("mean_difference", "ci_low", "ci_high"):
+        value = getattr(d, key)
+        tags[f"{TAG_PROMOTION}.{key}"] = "n/a" if value is None else repr(float(value))
+    tags[f"{TAG_PROMOTION}.n_instructions"] = str(len(d.instructions))
+    tags[f"{TAG_PROMOTION}.instructions"] = ",".join(str(i) for i in d.instructions)[:5000] or "none"
+    return tags
 
 
 def load_registered_value_model(

@@ -144,9 +144,14 @@ def test_guided_policies_registered_and_round_trip(experiment, tmp_path):
     uri = summary["tracking_uri"]
     assert get_version(uri, NAME, "candidate").version == 2
     champion = get_version(uri, NAME, "champion")
-    # version 1 became champion (no champion yet); version 2 replaced it iff spi-2 beat spi-1 (margin 0)
+    # version 1 became champion (no champion yet); version 2 replaced it iff the lower bound of the
+    # paired interval of spi-2 - spi-1 on the same instructions exceeds the margin 0
     rates = {k: summary["systems"][f"spi-{k}"]["win_rate"] for k in (1, 2)}
-    assert champion.version == (2 if rates[2] > rates[1] else 1)
+    gate = get_version(uri, NAME, 2).tags
+    assert gate["spi.promotion.champion_version"] == "1" and gate["spi.promotion.n_instructions"] == "6"
+    ci_low = float(gate["spi.promotion.ci_low"])
+    assert ci_low <= float(gate["spi.promotion.mean_difference"]) == pytest.approx(rates[2] - rates[1])
+    assert champion.version == (2 if ci_low > 0 else 1)
     assert float(champion.tags["win_rate"]) == pytest.approx(rates[champion.version])
     assert float(get_version(uri, NAME, 1).tags["win_rate"]) == pytest.approx(rates[1])
     assert "spi.promotion" in get_version(uri, NAME, 2).tags
@@ -264,22 +269,41 @@ def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path
 
 def test_promotion_through_the_flow_with_and_without_margin(experiment, tmp_path, capsys):
     from mlflow_store import tracking
-    from mlflow_store.registry import get_version, register_value_model
+    from mlflow_store.registry import (
+        ANNOTATIONS_ARTIFACT,
+        get_version,
+        register_value_model,
+        version_judgements,
+    )
 
     workdir, summary, _ = experiment
     uri = summary["tracking_uri"]
     champion = get_version(uri, NAME, "champion")
-    champ_rate = float(champion.tags["win_rate"])
-    # a new candidate 5 points better than the champion (same folder, a run of its own)
+    # a new candidate judged the best possible (p = 2) on every one of the champion's instructions
+    judged = version_judgements(uri, NAME, champion, tmp_path / "judged")
+    assert all(a["preference"] < 1.99 for a in judged["annotations"])
+    for a in judged["annotations"]:
+        a["preference"] = 2.0
+    better = tmp_path / "better" / "judge.json"
+    better.parent.mkdir()
+    better.write_text(json.dumps(judged))
     run_id = tracking.start_experiment_run(uri, "tiny-promotion", {}, "promotion-test", "test")
+    tracking.log_artifacts(uri, run_id, better, ANNOTATIONS_ARTIFACT)
     folder = load_champion_folder(uri, tmp_path)
-    version = register_value_model(uri, NAME, run_id, folder, {"win_rate": champ_rate + 5.0})
-    assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "10") == 0
+    version = register_value_model(uri, NAME, run_id, folder, {"win_rate": 0.0})  # the gate pairs, ignores tags
+    capsys.readouterr()
+    assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --margin") and ">= 0" in err[0]
+    assert get_version(uri, NAME, "champion").version == champion.version
+    assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "100") == 0  # no difference exceeds 100
     assert "not promoted" in capsys.readouterr().out
     assert get_version(uri, NAME, "champion").version == champion.version
     assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "1") == 0
     assert "promoted" in capsys.readouterr().out
-    assert str(get_version(uri, NAME, "champion").version) == str(version)
+    mv = get_version(uri, NAME, "champion")
+    assert str(mv.version) == str(version) and float(mv.tags["spi.promotion.ci_low"]) > 1
+    assert mv.tags["spi.promotion.instructions"] == ",".join(str(a["index"]) for a in judged["annotations"])
 
 
 def test_promote_unknown_name_in_an_existing_registry(experiment, capsys):

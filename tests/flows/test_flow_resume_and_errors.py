@@ -104,10 +104,10 @@ def test_judge_problems_fail_before_anything_runs(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("SPI_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SPI_ALPACA_DATA", str(tmp_path / "no-data"))
     assert (
-        run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=local:minilm-bt") == 2
-    )
+        run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=local:my-judge") == 2
+    )  # an unshipped name (minilm-bt ships with the package)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "minilm-bt" in err[0] and "SPI_ALPACA_DATA" in err[0]
+    assert len(err) == 1 and "my-judge" in err[0] and "SPI_ALPACA_DATA" in err[0]
     assert run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=reward") == 2
     assert "reward model the experiment was trained on" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()

