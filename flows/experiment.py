@@ -180,8 +180,7 @@ def register(ctx: RunContext, ev: Evaluation, iterations: list[dict], value_dirs
                    if key not in ("system", "iteration", "run_id") and finite(v) is not None}
         row["registered_version"] = records.register_task(ctx.tracking_uri, ctx.registered_model, row["run_id"],
                                                           str(folder), {**metrics, "iteration": k})
-        decision = records.promote_task(ctx.tracking_uri, ctx.registered_model, r.tracking.promotion_margin,
-                                        metric=headline_metric(ctx))
+        decision = records.promote_task(ctx.tracking_uri, ctx.registered_model, r.tracking.promotion_margin)
         promotions.append({"iteration": k, **decision})
     return promotions
 
