@@ -119,7 +119,8 @@ def check_smoke(config: CheckConfig, workdir: str, log=print) -> dict:
     from pathlib import Path
 
     from spi.config import load_recipe
-    from spi.pipeline import heldout_instructions, run_spi
+    from spi.loop import run_spi
+    from spi.pipeline import heldout_instructions
 
     recipe = load_recipe("smoke", overrides={"policy": {"device": config.device}})
     instructions = heldout_instructions(recipe, 4)
