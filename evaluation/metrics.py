@@ -136,10 +136,23 @@ def check_margin(margin: float) -> float:
     return value
 
 
+def _pair_key(annotation: dict) -> tuple:
+    """A judged output pairs by (instruction, reference); a verified one (ifeval) by its prompt."""
+    return annotation["instruction"], annotation.get("reference")
+
+
+def _preference(annotation: dict) -> float:
+    """A judge's preference in [1, 2]; for a verified output 1 + (every constraint followed, strict), so
+    that differences read in points of prompt-level strict accuracy."""
+    if "preference" in annotation:
+        return annotation["preference"]
+    return 1.0 + float(all(annotation["strict"]))
+
+
 def promotion_gate(candidate: dict, champion: dict, margin: float, **kwargs) -> dict:
     """Should the candidate replace the champion? Both are judge payloads ({"judge", "annotations"}, the
-    judge stage's file). The instructions both were judged on, against the same reference by the same
-    judge, are paired; promote iff the lower bound of the bootstrap interval of the paired win-rate
+    judge stage's file, or the verify stage's for ifeval). The instructions both were judged on, against
+    the same reference by the same judge, are paired; promote iff the lower bound of the bootstrap interval of the paired win-rate
     difference (candidate - champion, points) exceeds ``margin`` (>= 0).
 
     Returns {promoted, reason, mean_difference, ci_low, ci_high, n, instructions (indices), margin};
@@ -150,12 +163,11 @@ def promotion_gate(candidate: dict, champion: dict, margin: float, **kwargs) -> 
     if candidate.get("judge") != champion.get("judge"):
         return {**result, "reason": f"judged by different judges ({candidate.get('judge')} vs "
                                     f"{champion.get('judge')}): no paired comparison"}
-    champ = {(a["instruction"], a["reference"]): a for a in champion["annotations"]}
-    pairs = [(a, champ[(a["instruction"], a["reference"])]) for a in candidate["annotations"]
-             if (a["instruction"], a["reference"]) in champ]
+    champ = {_pair_key(a): a for a in champion["annotations"]}
+    pairs = [(a, champ[_pair_key(a)]) for a in candidate["annotations"] if _pair_key(a) in champ]
     result.update(n=len(pairs), instructions=[a["index"] for a, _ in pairs])
     try:
-        diff = paired_comparison([a["preference"] for a, _ in pairs], [b["preference"] for _, b in pairs], **kwargs)
+        diff = paired_comparison([_preference(a) for a, _ in pairs], [_preference(b) for _, b in pairs], **kwargs)
     except NotEstimable as err:
         return {**result, "reason": f"not promoted: {err} judged for both"}
     promoted = diff["ci_low"] > margin

@@ -108,3 +108,15 @@ def test_gate_pairs_only_the_shared_instructions_of_one_judge():
     assert not other["promoted"] and "different judges" in other["reason"]
     few = promotion_gate({"judge": "j", "annotations": cand[:3]}, {"judge": "j", "annotations": champ}, 0.0)
     assert not few["promoted"] and few["ci_low"] is None and "at least 5 instructions" in few["reason"]
+
+
+def test_the_gate_pairs_verified_outputs_by_prompt_on_prompt_level_strict_accuracy():
+    """ifeval versions carry the verify stage's file: paired by prompt, scored by all constraints followed."""
+    def verified(followed):
+        return {"judge": "ifeval-verifiers", "annotations": [
+            {"index": i, "instruction": f"prompt {i}", "strict": [ok, True]} for i, ok in enumerate(followed)]}
+
+    better, worse = verified([True] * 24 + [False] * 6), verified([False] * 24 + [True] * 6)
+    decision = promotion_gate(better, worse, margin=10.0)
+    assert decision["promoted"] and decision["n"] == 30 and decision["mean_difference"] == pytest.approx(60.0)
+    assert not promotion_gate(worse, better, margin=0.0)["promoted"]
