@@ -20,7 +20,7 @@ def plain_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("generate") / "work"
     run_plain(str(TINY), workdir=str(workdir))
     eval_dir = workdir / "tiny" / "eval"
-    eval_set = next(eval_dir.glob("eval-set-*.json"))
+    eval_set = next(p for p in eval_dir.glob("eval-set-*.json") if p.name.count(".") == 1)
     outputs = {}
     for system in ("base-greedy", "spi-1", "spi-2"):
         path = next(p for p in eval_dir.glob(f"{system}-*.json") if p.name.count(".") == 1)
