@@ -3,7 +3,7 @@
 An eval set is a list of dicts with keys ``index`` (0-based position in the official set, or in the
 built-in set), ``instruction``, ``dataset``, ``reference_output`` and ``reference_generator``.
 Accepted inputs:
-- this project's / ../shared's ``eval_set.jsonl`` (one JSON object per line, ``reference_output``);
+- AlpacaEval's ``eval_set.jsonl`` in its published layout (one JSON object per line, ``reference_output``);
 - AlpacaEval's own JSON (a list of ``{instruction, output, generator, dataset}``), where ``output`` is
   the reference;
 - a folder holding one of those (``eval_set.jsonl``, ``alpaca_eval.json`` or ``alpaca_eval_gpt4_baseline.json``);
@@ -233,7 +233,7 @@ def write_model_outputs(path: str | os.PathLike, eval_set: list[dict], outputs: 
 
 def read_indexed(path: str | os.PathLike, field: str, eval_set: list[dict], *, allow_empty: bool = False,
                  keep: set[int] | None = None) -> dict[int, object]:
-    """{index: value} from ../shared's ``{index, output}`` / ``{index, preference}`` JSONL(.gz) files.
+    """{index: value} from AlpacaEval-layout ``{index, output}`` / ``{index, preference}`` JSONL(.gz) files.
 
     ``field == "preference"`` values must be numbers in [1, 2]; ``"output"`` values non-empty strings
     (unless ``allow_empty``). Indices must belong to ``eval_set`` and be unique; with ``keep`` (a subset

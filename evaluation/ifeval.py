@@ -10,7 +10,6 @@ resamples the same prompts for both.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spi.verifiers import ConstraintError, check_record, read_prompt_records
+from spi.verifiers import ConstraintError, check_record, json_lines, read_prompt_records
 
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 
@@ -122,18 +121,11 @@ def report(results: Sequence[PromptResult], *, n_boot: int = 2000, seed: int = 0
 def read_responses(path: str | Path) -> dict[str, str]:
     """A JSONL file of {prompt, response} lines: prompt text -> response (errors name file:line)."""
     responses = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConstraintError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("response"), str):
-                raise ConstraintError(f"{path}:{number}: expected an object with string fields prompt and response")
-            responses[row["prompt"]] = row["response"]
+    for number, row in json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("response"), str):
+            raise ConstraintError(f"{path}:{number}: expected an object with string fields prompt and response")
+        responses[row["prompt"]] = row["response"]
     return responses
 
 

@@ -165,10 +165,10 @@ def local_judge_folder(name: str) -> Path:
 def local_judge_data(name: str, folder: Path, data_dir: str | os.PathLike | None = None) -> Path:
     """The AlpacaEval data the untrained local judge ``name`` would be trained on (default: the folder of
     SPI_ALPACA_DATA); an error that says what to do when it is not there."""
-    from evaluation.leaderboard import default_data_dir
+    from evaluation.leaderboard import alpaca_data_dir
 
-    data = Path(data_dir) if data_dir else default_data_dir()
-    if not (data / "eval_set.jsonl").is_file() or not (data / "preferences").is_dir():
+    data = Path(data_dir) if data_dir else alpaca_data_dir()
+    if data is None or not (data / "eval_set.jsonl").is_file() or not (data / "preferences").is_dir():
         raise JudgeSpecError(
             f"judge 'local:{name}' is not trained ({folder} has no judge_head.json) and no AlpacaEval "
             f"preference data is at {data} (set SPI_ALPACA_DATA); train it with the fit-local-judge flow, "

@@ -1,6 +1,6 @@
 """Score a folder of model outputs and preferences into an AlpacaEval-style leaderboard, and plot.
 
-Inputs are ../shared's layout: ``outputs/<model>.jsonl.gz`` with {index, output} and
+Inputs are AlpacaEval's published layout: ``outputs/<model>.jsonl.gz`` with {index, output} and
 ``preferences/<model>.jsonl.gz`` with {index, preference} (1 = reference better, 2 = model better).
 Every model with both files is scored identically, whatever its name: raw metrics from its
 preferences, and the LC v1 GLM fitted on its own rows, with instruction difficulty estimated from all
@@ -151,10 +151,11 @@ def plot_win_rates(points: dict[str, list[tuple[float, float]]], path, *, xlabel
     return path
 
 
-def default_data_dir() -> Path:
-    """Where the tests and benchmarks look for ../shared's AlpacaEval data (env SPI_ALPACA_DATA)."""
-    repo = Path(__file__).resolve().parent.parent
-    return Path(os.environ.get("SPI_ALPACA_DATA") or repo.parent / "shared" / "data" / "alpaca_eval")
+def alpaca_data_dir() -> Path | None:
+    """The AlpacaEval data folder the user names in SPI_ALPACA_DATA (None when unset): nothing is
+    looked for beside the repository."""
+    value = os.environ.get("SPI_ALPACA_DATA")
+    return Path(value) if value else None
 
 
 def _print(msg):  # pragma: no cover

@@ -34,7 +34,8 @@ class Boundary:
     new_real: torch.Tensor  # [rows, n] bool, True for tokens that are part of the response
     responses: list[list[int]]  # each row's response tokens so far
     policy_hidden: torch.Tensor  # [rows, H] policy hidden state at each row's last token
-    policy_hidden_mean: torch.Tensor  # [rows, H] mean policy hidden state from the last prompt token on
+    policy_hidden_mean: torch.Tensor | None  # [rows, H] mean policy hidden state from the last prompt
+    # token on; None unless a guide has needs_hidden_mean
     last_logprob: torch.Tensor  # [rows] log pi_0 of each row's last token
 
     @property
@@ -61,6 +62,7 @@ class Guide:
     # Whether score() reads Boundary.last_logprob; the search skips a full-vocabulary log_softmax per
     # step when no guide does. Unknown guides are assumed to read it.
     needs_last_logprob = True
+    needs_hidden_mean = False  # whether score() reads Boundary.policy_hidden_mean (kept per row when so)
 
     def begin(self, instructions: list[str], prompt_ids: list[list[int]], rows_per_prompt: int, compute: Compute):
         self.instructions = [x for x in instructions for _ in range(rows_per_prompt)]
@@ -96,6 +98,7 @@ class HeadValueGuide(Guide):
 
     def __init__(self, value_model):
         self.value_model = value_model
+        self.needs_hidden_mean = value_model.pooling == "last+mean"
 
     def score(self, boundary):
         with self.compute.timed("value_forward"):
@@ -285,6 +288,10 @@ class WeightedGuide(Guide):
     @property
     def needs_last_logprob(self):
         return any(getattr(guide, "needs_last_logprob", True) for guide, _ in self.parts)
+
+    @property
+    def needs_hidden_mean(self):
+        return any(getattr(guide, "needs_hidden_mean", False) for guide, _ in self.parts)
 
     def begin(self, instructions, prompt_ids, rows_per_prompt, compute):
         for guide, _ in self.parts:

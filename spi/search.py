@@ -162,8 +162,10 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     last_hidden, last_logprob = hidden, torch.zeros(n, device=device)
-    # running sum of each row's hidden states from the last prompt token on ("last+mean" value heads)
-    hidden_sum, hidden_count = hidden.float(), torch.ones(n).to(device)
+    # running sum of each row's hidden states from the last prompt token on, kept only for guides that
+    # read their mean ("last+mean" value heads)
+    tracks_mean = guide is not None and getattr(guide, "needs_hidden_mean", False)
+    hidden_sum, hidden_count = (hidden.float(), torch.ones(n).to(device)) if tracks_mean else (None, None)
     scored_upto = 0  # response position up to which the guide has seen tokens
     kept_scores = None  # the guide's scores of the rows kept at the last boundary
     boundaries = [0] * len(prompts)
@@ -177,7 +179,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
         position = torch.arange(scored_upto, t + 1, device=device)[None, :]
         scored_upto = t + 1
         # built only if a guide reads them (text-based guides); cache-based guides never do
-        mean = hidden_sum / hidden_count[:, None]
+        mean = hidden_sum / hidden_count[:, None] if tracks_mean else None
         return Boundary(new, position < lengths[:, None], LazyResponses(tokens, lengths), last_hidden, mean, last_logprob)
 
     for t in range(steps):
@@ -202,8 +204,9 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             break
         hidden = incremental.feed(chosen[:, None], active[:, None])[:, -1]
         last_hidden = torch.where(active[:, None], hidden, last_hidden)
-        hidden_sum += torch.where(active[:, None], hidden, 0).float()
-        hidden_count += active.float()
+        if tracks_mean:
+            hidden_sum += torch.where(active[:, None], hidden, 0).float()
+            hidden_count += active.float()
         if done:
             break
         logits = incremental.logits(hidden)
@@ -222,7 +225,8 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
             guide.reorder(index)
             tokens, lengths, finished = tokens[index], lengths[index], finished[index]
             last_hidden, last_logprob, logits = last_hidden[index], last_logprob[index], logits[index]
-            hidden_sum, hidden_count = hidden_sum[index], hidden_count[index]
+            if tracks_mean:
+                hidden_sum, hidden_count = hidden_sum[index], hidden_count[index]
 
     if guide is None:
         values = torch.full((n,), float("nan"))

@@ -234,15 +234,21 @@ def read_prompt_records(path: str | Path, *, offline_only: bool = False) -> list
 
     ``offline_only`` drops the records with a kind in ``NEEDS_DOWNLOAD`` instead of failing on them."""
     records = []
+    for number, record in json_lines(path):
+        if offline_only and isinstance(record, Mapping) and needs_download(record):
+            continue
+        records.append(validate_record(record, f"{path}:{number}"))
+    return records
+
+
+def json_lines(path: str | Path):
+    """(line number, value) of each non-blank line of a JSONL file; a bad line is a ConstraintError
+    naming file:line."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ConstraintError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if offline_only and isinstance(record, Mapping) and needs_download(record):
-                continue
-            records.append(validate_record(record, f"{path}:{number}"))
-    return records

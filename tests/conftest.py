@@ -7,6 +7,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The AlpacaEval data of the development machines and CI lies beside the clone; the project itself never
+# looks there (a user names the folder in SPI_ALPACA_DATA). Tests that need it skip when it is absent.
+os.environ.setdefault("SPI_ALPACA_DATA", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      os.pardir, "shared", "data", "alpaca_eval"))
 
 
 import pytest  # noqa: E402

@@ -1,11 +1,12 @@
-"""Where the evaluation tests find ../shared's AlpacaEval data (env SPI_ALPACA_DATA), and a skip marker for
+"""Where the evaluation tests find the AlpacaEval data (SPI_ALPACA_DATA, set by tests/conftest.py), and a skip marker for
 tests that need a part of it."""
+
+import os
+from pathlib import Path
 
 import pytest
 
-from evaluation.leaderboard import default_data_dir
-
-DATA = default_data_dir()
+DATA = Path(os.environ["SPI_ALPACA_DATA"])
 
 
 def needs(part: str):

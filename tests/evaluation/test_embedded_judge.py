@@ -4,15 +4,16 @@ command and settings (CI has ../shared; skipped with the reason where it is abse
 
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from evaluation.judges import DEFAULT_LOCAL_JUDGE, check_judge_available, judge_fingerprint, resolve_judge
 from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
-from evaluation.leaderboard import default_data_dir
 
-DATA = default_data_dir()
+DATA = Path(os.environ["SPI_ALPACA_DATA"])
 needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
                                 reason=f"AlpacaEval data not found at {DATA} (set SPI_ALPACA_DATA)")
 needs_backbone = pytest.mark.skipif(

@@ -12,7 +12,7 @@ from spi import instruction_tasks as it
 from spi.prompt_sets import ifbench_test_file
 
 ROOT = Path(__file__).resolve().parents[2]
-ALPACA = Path(os.environ.get("SPI_ALPACA_DATA") or ROOT.parent / "shared/data/alpaca_eval") / "eval_set.jsonl"
+ALPACA = Path(os.environ["SPI_ALPACA_DATA"]) / "eval_set.jsonl"
 
 
 def _norm(text: str) -> str:
