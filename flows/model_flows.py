@@ -19,8 +19,8 @@ from flows.compare import finite, format_table, prepare_eval, system_row
 from flows.context import RunContext, load_run_recipe
 from flows.experiment import slug
 from flows.stages import FlowStages
+from spi.generate import decoding_recipe, policy_plan
 from spi.stagefiles import output_digest, write_json
-from spi.systems import read_guided_policy
 
 
 def _evaluate_run_name() -> str:
@@ -43,7 +43,8 @@ def evaluate_value_model(
     allow_reward_judge: bool = False,
 ) -> dict:
     """Score the registered guided policy ``models:/NAME@ALIAS`` (the system it was registered as,
-    e.g. spi-k with all of V_1..V_k and their betas) or, with ``outputs``, an AlpacaEval-format file of
+    e.g. spi-k with all of V_1..V_k and their betas, decoded exactly as its pyfunc model decodes: with
+    the seed, policy, search and reward it recorded) or, with ``outputs``, an AlpacaEval-format file of
     outputs for the recipe's eval set. Logs a child run of the recipe's experiment and, for a
     registered model, ``eval_*`` tags on the version. Returns the metrics."""
     from mlflow_store import tracking
@@ -61,11 +62,10 @@ def evaluate_value_model(
         mv = get_version(ctx.tracking_uri, name, alias)
         version = str(mv.version)
         folder = load_registered_value_model(name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}")
-        system, value_dirs, meta = read_guided_policy(folder)
-        if meta["base_model"] != r.policy.model:
-            raise ValueError(f"{name} version {version} guides base model '{meta['base_model']}', but the recipe's "
-                             f"policy.model is '{r.policy.model}'")
-        decoded = stages.decode(system, [str(d) for d in value_dirs], eval_set)
+        plan = policy_plan(folder)  # what the version's pyfunc model loads: it decodes with the recipe it recorded
+        champion = FlowStages(RunContext(decoding_recipe(r, plan), workdir))
+        system = plan.system
+        decoded = champion.decode(system, [str(d) for d in plan.value_dirs], eval_set)
         label = f"{alias}-v{version}"
     judgement = stages.judge(label, references, decoded, allow_reward_judge)
     row = system_row(label, None, decoded, judgement)

@@ -156,12 +156,12 @@ def track_child_task(
 @task(name="register-guided-policy", **IO_RETRIES)
 def register_task(tracking_uri: str, name: str, run_id: str, folder: str, metrics: dict) -> str:
     """Register a guided policy folder (spi.systems.write_guided_policy) as a new version of ``name``
-    with alias ``candidate``."""
-    from mlflow_store.registry import register_value_model
+    with alias ``candidate``: an MLflow Model with a pyfunc flavor (mlflow_store.policy_model)."""
+    from mlflow_store.registry import register_guided_policy
 
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-    version = register_value_model(tracking_uri, name, run_id, folder, numeric, artifact_path="guided_policy",
-                                   description="SPI guided policy: base model and value models with their betas")
+    version = register_guided_policy(tracking_uri, name, run_id, folder, numeric,
+                                     description="SPI guided policy: base model and value models with their betas")
     run_logger().info("registered %s version %s (alias candidate)", name, version)
     return version
 

@@ -1,9 +1,11 @@
 """MLflow model registry for guided policies, value models (and judges): register, promote by alias, load.
 
-A registered folder is opaque here: a guided policy (``spi.systems.write_guided_policy``: policy.json,
-the base model's name and every value model with its beta), or a value model folder. It is logged as an
-artifact directory of a child run and registered as a new version of a registered model, with its
-evaluation numbers as version tags and the alias ``candidate``. ``promote`` moves the alias
+A guided policy (``spi.systems.write_guided_policy``: policy.json, the base model's name and every
+value model with its beta) is registered as an MLflow Model with a pyfunc flavor
+(``mlflow_store.policy_model``: ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(prompts)``
+answers as spi-k); a value model (or judge) folder is logged as an artifact directory of a child run.
+Either becomes a new version of a registered model, with its evaluation numbers as version tags and
+the alias ``candidate``; ``load_registered_value_model`` gives back the folder either way. ``promote`` moves the alias
 ``champion`` to the candidate only when a gate (given by the caller: the paired bootstrap interval of
 the two versions' judgements on the same instructions) puts it above the champion by more than a margin. Registry
 stages are deprecated in MLflow 3; they are mirrored only when asked (``use_stages=True``).
@@ -30,6 +32,8 @@ CHAMPION = "champion"
 TAG_FOLDER_DIGEST = "spi.folder_sha256"
 TAG_ARTIFACT_PATH = "spi.artifact_path"
 TAG_PROMOTION = "spi.promotion"
+TAG_FORMAT = "spi.format"  # PYFUNC on a guided policy logged as an MLflow Model
+PYFUNC = "mlflow-pyfunc"
 
 
 class RegistryError(LookupError):
@@ -69,20 +73,52 @@ def register_value_model(
     Idempotent: if a version of ``name`` from the same run with the same folder digest exists, it is
     reused (its tags updated) instead of creating a duplicate.
     """
+    def upload() -> tuple[str, str | None]:
+        return log_artifacts(tracking_uri, run_id, folder, artifact_path), None
+
+    return _register(tracking_uri, name, run_id, folder, metrics, {TAG_ARTIFACT_PATH: artifact_path}, upload,
+                     description, "SPI value model")
+
+
+def register_guided_policy(
+    tracking_uri: str,
+    name: str,
+    run_id: str,
+    folder: str | os.PathLike,
+    metrics: Mapping[str, float] | None = None,
+    description: str | None = None,
+) -> str:
+    """Log the guided policy in ``folder`` as an MLflow Model of ``run_id`` (pyfunc flavor, signature,
+    input example, metadata: ``mlflow_store.policy_model``) and register it as a version of ``name``
+    tagged with ``metrics``, alias ``candidate``; idempotent as ``register_value_model``."""
+    from mlflow_store.policy_model import ARTIFACT, log_guided_policy
+
+    def upload() -> tuple[str, str | None]:  # source: the model's location (a models:/ source would make
+        model_id = log_guided_policy(tracking_uri, run_id, folder)  # MLflow look it up at the global URI)
+        return client_for(tracking_uri).get_logged_model(model_id).artifact_location, model_id
+
+    return _register(tracking_uri, name, run_id, folder, metrics, {TAG_ARTIFACT_PATH: ARTIFACT, TAG_FORMAT: PYFUNC},
+                     upload, description, "SPI guided policy")
+
+
+def _register(tracking_uri: str, name: str, run_id: str, folder, metrics, kind: dict[str, str], upload,
+              description: str | None, model_description: str) -> str:
+    """A new version of ``name`` from ``upload()`` -> (source, model id), unless the run already
+    registered this folder (same digest and kind): then that version, its tags updated."""
     client = client_for(tracking_uri)
     digest = tree_digest(folder)
-    tags = {TAG_FOLDER_DIGEST: digest, TAG_ARTIFACT_PATH: artifact_path}
+    tags = {TAG_FOLDER_DIGEST: digest, **kind}
     tags.update({str(k): repr(float(v)) for k, v in (metrics or {}).items()})
 
     if not client.search_registered_models(filter_string=f"name = '{_q(name)}'"):
         try:
-            client.create_registered_model(name, description="SPI value model")
+            client.create_registered_model(name, description=model_description)
         except MlflowException:
             pass  # created concurrently
     existing = [
         mv
         for mv in client.search_model_versions(f"name = '{_q(name)}' and run_id = '{_q(run_id)}'")
-        if mv.tags.get(TAG_FOLDER_DIGEST) == digest and mv.tags.get(TAG_ARTIFACT_PATH) == artifact_path
+        if mv.tags.get(TAG_FOLDER_DIGEST) == digest and all(mv.tags.get(k) == v for k, v in kind.items())
     ]
     if existing:
         version = str(existing[0].version)
@@ -90,10 +126,9 @@ def register_value_model(
             if existing[0].tags.get(key) != value:
                 client.set_model_version_tag(name, version, key, value)
     else:
-        source = log_artifacts(tracking_uri, run_id, folder, artifact_path)
-        mv = client.create_model_version(
-            name, source, run_id=run_id, tags=tags, description=description, await_creation_for=0
-        )
+        source, model_id = upload()
+        mv = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description,
+                                         await_creation_for=0, model_id=model_id)
         version = str(mv.version)
     client.set_registered_model_alias(name, CANDIDATE, version)
     return version
@@ -206,23 +241,31 @@ def _promotion_tags(d: PromotionDecision) -> dict[str, str]:
 def load_registered_value_model(
     name: str, alias_or_version: str | int, tracking_uri: str, dest: str | os.PathLike
 ) -> Path:
-    """Download the folder of ``models:/NAME@ALIAS`` (or version) into ``dest`` and return its path.
+    """Download the folder of ``models:/NAME@ALIAS`` (or version) into ``dest`` and return its path:
+    the guided policy folder inside a pyfunc model's artifacts (the folder its ``load_context`` reads),
+    or the folder registered by ``register_value_model``.
 
     The folder's digest is checked against the one recorded at registration. The caller then reads
-    it (``spi.systems.read_guided_policy``, or ``spi.value.load_value_model`` for a value model folder).
+    it (``spi.generate.policy_plan``, or ``spi.value.load_value_model`` for a value model folder).
     """
     mv = get_version(tracking_uri, name, alias_or_version)
     artifact_path = mv.tags.get(TAG_ARTIFACT_PATH)
     if not mv.run_id or not artifact_path:
         raise RegistryError(
-            f"version {mv.version} of {name!r} was not registered by register_value_model "
+            f"version {mv.version} of {name!r} was registered by neither register_value_model nor "
+            f"register_guided_policy "
             f"(no run id or {TAG_ARTIFACT_PATH} tag); source is {mv.source}"
         )
     dest = Path(dest)
     target = dest / artifact_path
     if target.exists():
         shutil.rmtree(target)  # stale download: never mix files of two versions
-    local = download_artifacts(tracking_uri, mv.run_id, artifact_path, dest)
+    if mv.tags.get(TAG_FORMAT) == PYFUNC:
+        from mlflow_store.policy_model import policy_folder_of
+
+        local = policy_folder_of(tracking_uri, mv.source, dest)
+    else:
+        local = download_artifacts(tracking_uri, mv.run_id, artifact_path, dest)
     expected = mv.tags.get(TAG_FOLDER_DIGEST)
     if expected and tree_digest(local) != expected:
         raise RegistryError(

@@ -5,6 +5,9 @@
     policy_plan(folder, recipe=None)        a guided policy folder (spi.systems.write_guided_policy):
                                              its system, value models and recorded recipe
     load_prompts(source)                    (text, key) of every prompt of any prompt set
+    decode_batches(plan, texts, indices)    the decoded rows, batch by batch (``spi generate``, the
+                                             registered pyfunc model and its server all decode here)
+    decoding_recipe(recipe, plan)           a recipe that decodes exactly as the plan's recorded one
     generate(plan, prompts, out)            decode every prompt not yet in ``out``, appending in batches
 
 Each prompt is decoded as the experiment's decode does (``spi.pipeline.decode_rows``): its seed is
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from spi.config import Recipe, load_recipe, parse_recipe
 from spi.stagefiles import is_done, output_digest, write_json
-from spi.stages import WHOLE, sharded_layout, stage_key
+from spi.stages import STAGES, WHOLE, field_value, sharded_layout, stage_key
 
 
 class GenerateError(ValueError):
@@ -150,6 +153,34 @@ def policy_plan(folder: str | os.PathLike, recipe: Recipe | None = None) -> Plan
     return Plan(recipe, system, tuple(value_dirs), str(folder))
 
 
+def decoding_recipe(recipe: Recipe, plan: Plan) -> Recipe:
+    """``recipe`` with every field the decode stage reads (``spi.stages``: seed, policy, sampling, search,
+    backend, reward, betas, baseline settings) taken from ``plan.recipe``: an evaluation with ``recipe``'s
+    eval set, judge and tracking decodes exactly the guided policy as it was registered."""
+    data, theirs = recipe.model_dump(mode="json"), plan.recipe.model_dump(mode="json")
+    for dotted in STAGES["decode"].fields:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = field_value(theirs, dotted)
+    iterations = data["iterations"]  # count enters no decode key; the plan's betas must cover it
+    iterations["count"] = min(iterations["count"], len(iterations["betas"]))
+    return parse_recipe(data, source=f"recipe '{recipe.name}' with the decode settings of {plan.source}")
+
+
+def decode_batches(plan: Plan, texts: list[str], indices: list[int], batch: int | None = None):
+    """Yield (indices, rows) batch by batch: ``spi.pipeline.decode_rows``, the experiment's own decode, so
+    prompt ``i`` of ``texts`` is sampled with the experiment's seed of evaluation prompt ``i``."""
+    from spi import pipeline
+
+    batch = batch or plan.recipe.search.batch_prompts
+    for start in range(0, len(indices), batch):
+        chunk = list(indices[start:start + batch])
+        rows, _ = pipeline.decode_rows(plan.recipe, plan.system, list(plan.value_dirs), texts, chunk, progress=False)
+        yield chunk, rows
+
+
 # --------------------------------------------------------------------------- the prompts and the output
 
 
@@ -219,22 +250,16 @@ def generate(plan: Plan, pairs: list[tuple[str, str | None]], out: str | os.Path
     Returns {"done": already there, "decoded": decoded now, "total"}."""
     from tqdm.auto import tqdm
 
-    from spi import pipeline
-
     out = Path(out)
     done = check_output(plan, out)
     todo = [i for i, (text, _) in enumerate(pairs) if text not in done]
     texts = [text for text, _ in pairs]
-    batch = batch or plan.recipe.search.batch_prompts
     write_json(sidecar(out), plan.header())
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc=f"generate {plan.system}", unit="prompt",
                disable=not progress)
     with open(out, "a", encoding="utf-8") as fh, bar:
-        for start in range(0, len(todo), batch):
-            indices = todo[start:start + batch]
-            rows, _ = pipeline.decode_rows(plan.recipe, plan.system, list(plan.value_dirs), texts, indices,
-                                           progress=False)
+        for indices, rows in decode_batches(plan, texts, todo, batch):
             for row in rows:
                 line = {"prompt": row["instruction"], "response": row["output"], "system": plan.system}
                 if pairs[row["prompt_index"]][1] is not None:

@@ -123,7 +123,10 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     )
     assert spi1["metrics"]["win_rate"] == pytest.approx(summary["systems"]["spi-1"]["win_rate"])
     names = {a.path for a in client.list_artifacts(spi1["run_id"])}
-    assert {"generations", "judge_annotations", "rollouts", "labels", "guided_policy"} <= names
+    assert {"generations", "judge_annotations", "rollouts", "labels"} <= names
+    # the guided policy spi-1 is the run's logged MLflow Model (pyfunc), not a folder of its artifacts
+    [logged] = client.get_run(spi1["run_id"]).outputs.model_outputs
+    assert client.get_logged_model(logged.model_id).tags["spi.system"] == "spi-1"
     assert "rollouts" not in {a.path for a in client.list_artifacts(children[("base-sampled", 0)]["run_id"])}
     run = client.get_run(spi1["run_id"])
     assert (
@@ -272,7 +275,7 @@ def test_promotion_through_the_flow_with_and_without_margin(experiment, tmp_path
     from mlflow_store.registry import (
         ANNOTATIONS_ARTIFACT,
         get_version,
-        register_value_model,
+        register_guided_policy,
         version_judgements,
     )
 
@@ -290,7 +293,7 @@ def test_promotion_through_the_flow_with_and_without_margin(experiment, tmp_path
     run_id = tracking.start_experiment_run(uri, "tiny-promotion", {}, "promotion-test", "test")
     tracking.log_artifacts(uri, run_id, better, ANNOTATIONS_ARTIFACT)
     folder = load_champion_folder(uri, tmp_path)
-    version = register_value_model(uri, NAME, run_id, folder, {"win_rate": 0.0})  # the gate pairs, ignores tags
+    version = register_guided_policy(uri, NAME, run_id, folder, {"win_rate": 0.0})  # the gate pairs, ignores tags
     capsys.readouterr()
     assert run_cli("promote", NAME, "--workdir", workdir, "--margin", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
