@@ -70,7 +70,7 @@ def test_registered_guided_policy_decodes_like_the_workdir(plain_run, tmp_path, 
     """models:/NAME@candidate (the folder write_guided_policy wrote, recipe recorded in it) gives the
     workdir's spi-2 answers, under the same system digest (an OUT can be resumed from either)."""
     from mlflow_store import tracking
-    from mlflow_store.registry import register_value_model
+    from mlflow_store.registry import register_guided_policy
     from spi.config import load_recipe
     from spi.generate import workdir_plan
     from spi.systems import write_guided_policy
@@ -81,7 +81,7 @@ def test_registered_guided_policy_decodes_like_the_workdir(plain_run, tmp_path, 
     folder = write_guided_policy(tmp_path / "policy", "spi-2", recipe, list(plan.value_dirs))
     uri = tracking.default_tracking_uri(new_workdir)
     run_id = tracking.start_experiment_run(uri, "tiny", recipe.model_dump(mode="json"), recipe.digest, "test")
-    register_value_model(uri, "tiny-value", run_id, folder)
+    register_guided_policy(uri, "tiny-value", run_id, folder)  # an MLflow Model; generate reads its folder
 
     out = tmp_path / "registered.jsonl"
     assert run_cli("generate", "--prompts", eval_set, "--model", "models:/tiny-value@candidate",

@@ -18,29 +18,38 @@ NAME = "tiny-value"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def experiment_answers(workdir: Path, system: str, n: int) -> tuple[list[str], list[str]]:
-    """The first n evaluation prompts of the experiment and its decode stage's answers for ``system``."""
+def experiment_decode(workdir: Path, plan) -> tuple[list[str], dict]:
+    """The evaluation prompts of the experiment and its decode stage's file of the plan's system, found by
+    its key (the work directory also holds a rerun with other settings, which may hold the champion)."""
+    from spi.pipeline import decode_key
+    from spi.stagefiles import output_digest
+
     eval_dir = workdir / "tiny" / "eval"
-    rows = json.loads(next(p for p in eval_dir.glob("eval-set-*.json") if p.name.count(".") == 1).read_text())
-    decoded = json.loads(next(p for p in eval_dir.glob(f"{system}-*.json") if p.name.count(".") == 1).read_text())
-    return [e["instruction"] for e in rows][:n], [o["output"] for o in decoded["outputs"]][:n]
+    for eval_set in (p for p in eval_dir.glob("eval-set-*.json") if p.name.count(".") == 1):
+        key = decode_key(plan.recipe, plan.system, list(plan.value_dirs), output_digest(eval_set))
+        decoded = eval_dir / f"{plan.system}-{key}.json"
+        if decoded.exists():
+            return [e["instruction"] for e in json.loads(eval_set.read_text())], json.loads(decoded.read_text())
+    raise AssertionError(f"{eval_dir} holds no decode of {plan.system} as registered")
 
 
 @pytest.fixture
 def champion(experiment, monkeypatch, tmp_path):
-    """(uri, champion's system, prompts, the experiment's answers) with MLflow pointed at the run's store
-    (the champion is a guided policy this experiment fitted, possibly registered again by a promotion test)."""
+    """(the champion's plan, 2 prompts, the experiment's answers to them, its decode file) with MLflow
+    pointed at the run's store (the champion may be a version of the rerun, or registered again by the
+    promotion test: its folder says which)."""
     from mlflow_store.registry import load_registered_value_model
-    from spi.systems import read_guided_policy
+    from spi.generate import policy_plan
 
     workdir, summary, _ = experiment
     uri = summary["tracking_uri"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    system, _, _ = read_guided_policy(load_registered_value_model(NAME, "champion", uri, tmp_path / "champion"))
-    prompts, answers = experiment_answers(workdir, system, 2)
+    plan = policy_plan(load_registered_value_model(NAME, "champion", uri, tmp_path / "champion"))
+    prompts, decoded = experiment_decode(workdir, plan)
+    answers = [o["output"] for o in decoded["outputs"]][:2]
     assert len(set(answers)) == 2  # two different answers: a swap or a repeat would show
-    return uri, system, prompts, answers
+    return plan, prompts[:2], answers, decoded
 
 
 def test_load_model_predicts_the_experiments_spi_k(champion):
@@ -49,7 +58,8 @@ def test_load_model_predicts_the_experiments_spi_k(champion):
 
     from mlflow_store.policy_model import INPUT_EXAMPLE, model_reference
 
-    uri, system, prompts, answers = champion
+    plan, prompts, answers, _ = champion
+    system = plan.system
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     assert model.predict(prompts)["response"].tolist() == answers
     assert model.predict(pd.DataFrame({"prompt": prompts}))["response"].tolist() == answers
@@ -62,6 +72,47 @@ def test_load_model_predicts_the_experiments_spi_k(champion):
     assert [t.name for t in model.metadata.get_input_schema().input_types()] == ["string"]
     assert model.metadata.get_output_schema().input_names() == ["response"]
     assert model.input_example["prompt"].tolist() == INPUT_EXAMPLE
+
+
+def test_nightly_evaluation_decodes_the_champion_as_registered(experiment, champion):
+    """The evaluate flow run with other search settings still decodes the version as it was registered
+    (the champion's recorded seed, search and reward): the experiment's spi-k decode, found by its key."""
+    from flows.model_flows import evaluate_value_model
+    from tests.flows.conftest import TINY
+
+    workdir, _, _ = experiment
+    result = evaluate_value_model(recipe=str(TINY), overrides={"search": {"width": 1, "successors": 1}},
+                                  workdir=str(workdir), alias="champion")
+    plan, _, _, decoded = champion
+    assert result["guided_system"] == plan.system
+    assert result["mean_reward"] == decoded["mean_reward"]
+    assert result["policy_tokens"] == decoded["compute"]["policy_tokens"]
+
+
+def test_a_changed_base_model_is_refused(experiment, tmp_path):
+    """load_context compares the base model's digest with the one recorded at registration."""
+    import mlflow.pyfunc
+
+    from mlflow_store.policy_model import ARTIFACT, BaseModelChanged, GuidedPolicyModel, model_reference
+
+    workdir, _, _ = experiment
+    folder = next(p for p in (workdir / "tiny" / "registry").glob("spi-1-*") if p.is_dir())
+    recorded = {**model_reference("tiny-llama"), "digest": "sha256:" + "0" * 64}
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=GuidedPolicyModel(), artifacts={ARTIFACT: str(folder)},
+                             pip_requirements=[], model_config={"base_model": recorded})
+    with pytest.raises(BaseModelChanged, match="tiny-llama"):
+        mlflow.pyfunc.load_model(str(tmp_path / "model"))
+
+
+def test_model_reference_digests_a_local_folder(tmp_path):
+    from mlflow_store.policy_model import model_reference
+
+    (tmp_path / "config.json").write_text("{}")
+    before = model_reference(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    after = model_reference(str(tmp_path))
+    assert before["kind"] == after["kind"] == "folder" and before["digest"] != after["digest"]
+    assert model_reference("random:tiny")["digest"] == model_reference("random:tiny")["digest"]
 
 
 def _free_port() -> int:
@@ -77,7 +128,8 @@ def _post(url: str, payload: dict) -> dict:
 
 
 def test_mlflow_models_serve_answers_as_the_experiment(champion, tmp_path):
-    uri, _, prompts, answers = champion
+    _, prompts, answers, _ = champion
+    uri = os.environ["MLFLOW_TRACKING_URI"]
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,  # the server runs `uvicorn`:
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # the venv's
