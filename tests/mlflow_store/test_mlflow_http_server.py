@@ -93,3 +93,32 @@ def test_runs_registry_and_load_over_http(mlflow_server, value_folder, tmp_path)
     assert version == "1"
     T.finish_run(mlflow_server, child)
     T.finish_run(mlflow_server, parent)
+
+
+def test_guided_policy_is_an_mlflow_model_over_http(mlflow_server, tmp_path, monkeypatch):
+    """The pyfunc guided policy through the server (proxied artifacts): registered, loaded with
+    mlflow.pyfunc.load_model (metadata, the base model check) and its folder downloaded intact."""
+    import json
+    from pathlib import Path
+
+    import mlflow.pyfunc
+
+    from spi.config import load_recipe
+    from spi.stagefiles import tree_digest
+    from spi.systems import write_guided_policy
+
+    value = tmp_path / "V"  # a stand-in value model: loading the policy does not read it, decoding would
+    value.mkdir()
+    (value / "value.json").write_text(json.dumps({"kind": "test", "checksums": {"head": "0" * 16}}))
+    recipe = load_recipe(Path(__file__).parents[1] / "flows" / "tiny.yaml")
+    folder = write_guided_policy(tmp_path / "policy", "spi-1", recipe, [value])
+    run = T.start_experiment_run(mlflow_server, "http-policy", {}, "dig", "v")
+    assert R.register_guided_policy(mlflow_server, "http-policy", run, folder, {"win_rate": 1.0}) == "1"
+    assert R.register_guided_policy(mlflow_server, "http-policy", run, folder) == "1"  # idempotent
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model("models:/http-policy@candidate")
+    assert model.metadata.metadata["spi_system"] == "spi-1"
+    assert [v["beta"] for v in model.metadata.metadata["value_models"]] == [1.0]
+    out = R.load_registered_value_model("http-policy", "candidate", mlflow_server, tmp_path / "dl")
+    assert tree_digest(out) == tree_digest(folder)
