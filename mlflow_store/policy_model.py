@@ -103,9 +103,11 @@ class GuidedPolicyModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from spi.generate import decode_batches
+        from spi.generate import decode_batches, prepare
+        from spi.prompt_sets import PromptSet
 
         texts = _prompts(model_input)
+        prepare(self.plan, PromptSet("the model's input", "alpaca", [{"instruction": t} for t in texts]))
         responses: list[str] = []
         for _, rows in decode_batches(self.plan, texts, list(range(len(texts)))):
             responses.extend(row["output"] for row in rows)
