@@ -59,15 +59,17 @@ def model_reference(name: str) -> dict:
 def policy_metadata(folder: str | os.PathLike) -> dict:
     """The MLmodel metadata of the guided policy in ``folder``."""
     from spi.generate import policy_plan
-    from spi.stagefiles import output_digest
+    from spi.stagefiles import output_digest, tree_digest
     from spi.systems import read_guided_policy
 
     plan = policy_plan(folder)
     _, value_dirs, meta = read_guided_policy(Path(folder))
     r = plan.recipe
     reward = r.reward.model_dump(mode="json")
-    if r.reward.model:
+    if r.reward.kind != "verifier":  # a verifier reads no model
         reward["reference"] = model_reference(r.reward.model)
+    if r.reward.head:
+        reward["head_digest"] = f"sha256:{tree_digest(r.reward.head)}"
     return {
         "spi_system": plan.system,
         "spi_recipe": {"name": r.name, "digest": r.digest, "seed": r.seed},
