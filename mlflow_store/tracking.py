@@ -179,12 +179,8 @@ def flatten_params(recipe: Mapping, prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, prefix=f"{name}."))
             continue
-        if isinstance(value, str):
-            text = value
-        elif isinstance(value, (list, tuple, dict)):
-            text = json.dumps(value, sort_keys=True, default=str)
-        else:
-            text = str(value)
+        text = value if isinstance(value, str) else (
+            json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, tuple, dict)) else str(value))
         if len(text) > _PARAM_MAX_LEN:
             text = text[: _PARAM_MAX_LEN - 3] + "..."
         flat[name] = text
@@ -194,19 +190,11 @@ def flatten_params(recipe: Mapping, prefix: str = "") -> dict[str, str]:
 def code_version(repo_dir: str | os.PathLike | None = None) -> str:
     """The git commit of ``repo_dir`` (with ``-dirty`` when the tree has changes), else the package version."""
     cwd = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         pass
     try:
