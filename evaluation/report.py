@@ -186,15 +186,16 @@ def shown(x, fmt: str, reason: str | None = None) -> str:
     return f"{text} ({reason})" if text == "n/a" and reason else text
 
 
-# the ``not_available`` entry (evaluation.judging.annotation_metrics) that explains a row's metric
-_REASON_OF = {"win_rate_ci_low": "win_rate_ci", "win_rate_ci_high": "win_rate_ci",
-              "lc_standard_error": "length_controlled_winrate", "discrete_standard_error": "standard_error"}
+# the ``not_available`` entry (evaluation.judging.annotation_metrics) that explains a row's metric;
+# an interval's bounds ``<m>_ci_low`` / ``<m>_ci_high`` are explained by ``<m>_ci``
+_REASON_OF = {"lc_standard_error": "length_controlled_winrate", "discrete_standard_error": "standard_error"}
 
 
 def why_not(row: dict, metric: str) -> str | None:
     """Why a system row has no ``metric`` (from its ``not_available``), or None."""
     missing = row.get("not_available") or {}
-    return missing.get(metric) or missing.get(_REASON_OF.get(metric, ""))
+    interval_of = metric.rsplit("_ci_", 1)[0] + "_ci" if metric.endswith(("_ci_low", "_ci_high")) else ""
+    return missing.get(metric) or missing.get(_REASON_OF.get(metric, interval_of))
 
 
 def interval(row: dict, metric: str, fmt: str = ".1f") -> str:

@@ -77,10 +77,11 @@ def format_table(rows: list[dict]) -> str:
         for row in rows:
             m = "prompt_level_strict_acc"
             ci = f"{row[m]:6.2f} [{num(row[m + '_ci_low'], '5.1f')}, {num(row[m + '_ci_high'], '5.1f')}]"
+            why = report.why_not(row, m + "_ci_low")
             lines.append(f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
                          f"{row['mean_reward']:>13.4f}{ci:>26}{row['inst_level_strict_acc']:>12.2f}"
                          f"{row['prompt_level_loose_acc']:>13.2f}{row['inst_level_loose_acc']:>11.2f}"
-                         f"{row['policy_tokens']:>15d}")
+                         f"{row['policy_tokens']:>15d}" + (f"  95% CI n/a ({why})" if why else ""))
         return "\n".join(lines)
 
     # LC last: a win rate it cannot report is "n/a (why)", and so is an interval (after the LC cell)
@@ -107,7 +108,9 @@ def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) ->
         beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired
                   if not p["within_noise"]]
         verdict = (
-            "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
+            f"No paired difference is available: {paired[0]['not_available']}."
+            if paired and all(p.get("not_available") for p in paired)
+            else "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
             if beyond
             else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
             "interval holds 0)." if paired else ""

@@ -425,3 +425,27 @@ def test_numbers_below_their_sample_size_are_not_available_with_the_reason(exper
         assert "length_controlled_winrate" not in run.data.metrics
         assert why in run.data.tags[tracking.TAG_NOT_AVAILABLE + "length_controlled_winrate"]
         assert "win_rate_ci_low" in run.data.metrics  # 6 >= 5: the interval is a number
+
+
+def test_the_printed_table_says_why_a_number_is_missing():
+    """4 judged instructions: the table `spi run` prints has the win rate, and "n/a (why)" for the LC
+    win rate and the interval; IFEval rows on 4 prompts say why their interval is missing."""
+    from evaluation import ifeval
+    from evaluation.ifeval import PromptResult
+    from evaluation.ifeval_report import system_metrics
+    from evaluation.judging import annotation_metrics
+    from flows.compare import format_table, system_row
+
+    anns = [{"index": i, "instruction": f"q{i}", "reference": "r" * 40, "output": "o" * (20 + 9 * i),
+             "preference": 1.2 + 0.2 * i} for i in range(4)]
+    decoded = {"mean_reward": 0.1, "compute": {"policy_tokens": 40, "generated_tokens": 30}, "seconds": 1.0}
+    row = system_row("base-sampled", None, decoded, {"metrics": annotation_metrics(anns, n_boot=100), "seconds": 0.5})
+    line = format_table([row]).splitlines()[1]
+    assert f"{100 * sum(a['preference'] - 1 for a in anns) / 4:.2f}" in line and "[n/a]" in line
+    assert line.endswith("n/a (a length-controlled win rate needs at least 30 instructions, got 4); 95% CI n/a "
+                         "(a win-rate interval needs at least 5 instructions, got 4)")
+    results = [PromptResult(str(i), ("kind:a",), (i % 2 == 0,), (True,)) for i in range(4)]
+    verified = {"system": "spi-1", "iteration": 1, "mean_reward": 0.0, "policy_tokens": 9,
+                **system_metrics(ifeval.report(results, n_boot=100))}
+    assert format_table([verified]).splitlines()[1].endswith(
+        "95% CI n/a (a bootstrap interval over prompts needs at least 5 instructions, got 4)")
