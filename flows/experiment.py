@@ -82,15 +82,16 @@ def value_fits(iterations: list[dict]) -> dict:
 def run_params(ctx: RunContext) -> dict:
     """The parent run's params: the recipe as it was run (overrides applied), with the places it really
     used: ``execution.workdir`` the folder of this run (``--workdir`` or the form's), ``tracking.*`` the
-    tracking URI, store URL (password hidden), experiment and registered model that were resolved."""
-    from sqlalchemy.engine import make_url
-
+    tracking URI and store URL (passwords hidden), experiment and registered model that were resolved."""
     data = json.loads(json.dumps(ctx.data))
     data["execution"]["workdir"] = str(ctx.root)
-    store = make_url(ctx.store_url).render_as_string(hide_password=True)
-    data["tracking"].update(tracking_uri=ctx.tracking_uri, store_url=store, experiment=ctx.experiment,
-                            registered_model=ctx.registered_model)
+    data["tracking"].update(tracking_uri=_hide_password(ctx.tracking_uri), store_url=_hide_password(ctx.store_url),
+                            experiment=ctx.experiment, registered_model=ctx.registered_model)
     return data
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)  # user:password@host -> user:***@host
 
 
 def check_judge(ctx: RunContext, allow_reward_judge: bool) -> None:

@@ -449,3 +449,11 @@ def test_the_printed_table_says_why_a_number_is_missing():
                 **system_metrics(ifeval.report(results, n_boot=100))}
     assert format_table([verified]).splitlines()[1].endswith(
         "95% CI n/a (a bootstrap interval over prompts needs at least 5 instructions, got 4)")
+
+
+def test_parent_params_hide_database_passwords():
+    from flows.experiment import _hide_password
+
+    assert _hide_password("postgresql+psycopg://spi:s3cret@db:5432/store") == "postgresql+psycopg://spi:***@db:5432/store"
+    assert _hide_password("sqlite:////tmp/runs/store.db") == "sqlite:////tmp/runs/store.db"
+    assert _hide_password("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
