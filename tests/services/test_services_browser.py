@@ -212,11 +212,10 @@ def _find_run_and_model_in_mlflow(page, mlflow: str, shots: Path) -> None:
     aliases = dict(client.get_registered_model(model).aliases)
     assert "champion" in aliases, aliases
     page.goto(mlflow + "/#/models")
-    page.keyboard.press("Escape")  # a one-time promotion dialog about the registry UI
     page.get_by_text(model, exact=True).first.wait_for()
-    page.get_by_text("champion").first.wait_for()
+    page.get_by_text("Aliased versions").first.wait_for()  # one alias shown, the others behind "+1"
     page.wait_for_timeout(1000)
-    page.keyboard.press("Escape")
+    page.keyboard.press("Escape")  # a one-time promotion dialog about the registry UI
     page.screenshot(path=str(shots / "07-mlflow-registered-models.png"))
     page.goto(f"{mlflow}/#/models/{model}")
     page.get_by_text(f"Version {aliases['champion']}").first.wait_for()
