@@ -302,7 +302,7 @@ def spi_experiment(
     else:
         run_id = tracking.start_experiment_run(ctx.tracking_uri, ctx.experiment, run_params(ctx), r.digest,
                                                tracking.code_version(), run_name=f"{r.name}-{r.digest[:8]}",
-                                               tags={tracking.TAG_OVERRIDES: json.dumps(overrides or {}, sort_keys=True)})
+                                               tags={tracking.TAG_OVERRIDES: json.dumps(overrides or {}, sort_keys=True, default=str)})
         log.info("started MLflow run %s in experiment %s", run_id, ctx.experiment)
     try:
         progress = Progress(ctx)
