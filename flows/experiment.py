@@ -300,9 +300,10 @@ def spi_experiment(
         log.info("resuming MLflow run %s of experiment %s", run_id, ctx.experiment)
         tracking.client_for(ctx.tracking_uri).update_run(run_id, status="RUNNING")
     else:
+        given = json.dumps(overrides or {}, sort_keys=True, default=str)  # the --set / form overrides
         run_id = tracking.start_experiment_run(ctx.tracking_uri, ctx.experiment, run_params(ctx), r.digest,
                                                tracking.code_version(), run_name=f"{r.name}-{r.digest[:8]}",
-                                               tags={tracking.TAG_OVERRIDES: json.dumps(overrides or {}, sort_keys=True, default=str)})
+                                               tags={tracking.TAG_OVERRIDES: given})
         log.info("started MLflow run %s in experiment %s", run_id, ctx.experiment)
     try:
         progress = Progress(ctx)
