@@ -5,7 +5,8 @@ The four numbers, in percent, as IFEval's and IFBench's reference ``evaluation_l
 (constraints followed, pooled over prompts), and the same two for the loose verdicts. Per constraint
 kind: the accuracy per instruction id and per id prefix (``punctuation``), as the reference's tiers.
 Intervals are a percentile bootstrap over prompts (seeded); a paired difference between two systems
-resamples the same prompts for both.
+resamples the same prompts for both. Below MIN_BOOTSTRAP_INSTRUCTIONS prompts neither exists:
+:class:`evaluation.metrics.NotEstimable` says why, and ``report`` holds None and the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.metrics import MIN_BOOTSTRAP_INSTRUCTIONS, NotEstimable, require_instructions
 from spi.verifiers import ConstraintError, check_record, json_lines, read_prompt_records
 
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -69,8 +71,10 @@ def ifeval_metrics(results: Sequence[PromptResult]) -> dict[str, float]:
 
 def bootstrap_intervals(results: Sequence[PromptResult], *, n_boot: int = 2000, alpha: float = 0.05,
                         seed: int = 0) -> dict[str, list[float]]:
-    """Percentile bootstrap interval [low, high] of each metric, resampling prompts."""
+    """Percentile bootstrap interval [low, high] of each metric, resampling prompts; NotEstimable below
+    MIN_BOOTSTRAP_INSTRUCTIONS prompts."""
     table = _table(results)
+    require_instructions(len(table), MIN_BOOTSTRAP_INSTRUCTIONS, "a bootstrap interval over prompts")
     stats = _metrics(table[_resamples(len(table), n_boot, seed)])
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2], axis=0)
     return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high, strict=True)}
@@ -102,6 +106,7 @@ def paired_differences(a: str, results_a: Sequence[PromptResult], b: str, result
         raise ValueError(f"paired differences need the same prompts: only in {a}: {only_a[:5]}, "
                          f"only in {b}: {only_b[:5]}")
     table_a, table_b = _table(results_a), _table([by_key[r.key] for r in results_a])
+    require_instructions(len(table_a), MIN_BOOTSTRAP_INSTRUCTIONS, "a paired interval over prompts")
     index = _resamples(len(table_a), n_boot, seed)
     diffs = _metrics(table_a[index]) - _metrics(table_b[index])
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2], axis=0)
@@ -111,11 +116,15 @@ def paired_differences(a: str, results_a: Sequence[PromptResult], b: str, result
 
 
 def report(results: Sequence[PromptResult], *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The four numbers at the top level, their intervals, per-kind figures and the prompt count."""
+    """The four numbers at the top level, their intervals, per-kind figures and the prompt count. Too
+    few prompts for intervals: each is [None, None] and ``not_available["intervals"]`` says why."""
+    try:
+        intervals, missing = bootstrap_intervals(results, n_boot=n_boot, seed=seed), {}
+    except NotEstimable as err:
+        intervals, missing = {m: [None, None] for m in METRICS}, {"intervals": str(err)}
     return {**ifeval_metrics(results), "n_prompts": len(results),
             "n_instructions": sum(len(r.strict) for r in results),
-            "intervals": bootstrap_intervals(results, n_boot=n_boot, seed=seed),
-            "per_kind": per_kind(results)}
+            "intervals": intervals, "not_available": missing, "per_kind": per_kind(results)}
 
 
 def read_responses(path: str | Path) -> dict[str, str]:

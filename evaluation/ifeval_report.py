@@ -15,16 +15,20 @@ import json
 from pathlib import Path
 
 from evaluation.ifeval import METRICS, PromptResult, paired_differences
+from evaluation.metrics import NotEstimable
+from evaluation.report import interval, shown
 
 HEADLINE = "prompt_level_strict_acc"
 
 
 def system_metrics(metrics: dict) -> dict:
-    """{metric, metric_ci_low, metric_ci_high} for the four accuracies (percent)."""
-    out = {}
+    """{metric, metric_ci_low, metric_ci_high} for the four accuracies (percent), and ``not_available``
+    ({metric_ci: why}) for intervals there are too few prompts for."""
+    out, why = {}, (metrics.get("not_available") or {}).get("intervals")
     for m in METRICS:
         low, high = metrics["intervals"][m]
         out.update({m: metrics[m], f"{m}_ci_low": low, f"{m}_ci_high": high})
+    out["not_available"] = {f"{m}_ci": why for m in METRICS} if why else {}
     return out
 
 
@@ -51,14 +55,21 @@ def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]], seed: in
         if k - 1 in by_iteration:
             rivals.append((by_iteration[k - 1], "previous iteration"))
         for rival, why in rivals:
-            diffs = paired_differences(row["system"], results_of(judged[row["system"]][1]), rival["system"],
-                                       results_of(judged[rival["system"]][1]), seed=seed)
+            try:
+                diffs = paired_differences(row["system"], results_of(judged[row["system"]][1]), rival["system"],
+                                           results_of(judged[rival["system"]][1]), seed=seed)
+            except NotEstimable as err:  # too few prompts: no reading either way
+                out += [{"a": row["system"], "b": rival["system"], "metric": m, "diff": None, "ci_low": None,
+                         "ci_high": None, "why": why, "within_noise": True, "not_available": str(err)} for m in METRICS]
+                continue
             out += [{**d, "why": why, "within_noise": d["ci_low"] <= 0 <= d["ci_high"]} for d in diffs]
     return out
 
 
 def verdict(paired: list[dict]) -> str:
     headline = [p for p in paired if p["metric"] == HEADLINE]
+    if headline and all(p.get("not_available") for p in headline):
+        return f"No paired difference is available: {headline[0]['not_available']}."
     beyond = [f"{p['a']} vs {p['b']} ({p['diff']:+.2f})" for p in headline if not p["within_noise"]]
     if beyond:
         return "Prompt-level strict accuracy differs beyond noise (95% paired interval excludes 0): " \
@@ -80,7 +91,7 @@ def systems_section(rows: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
-        cells = [f"{r[m]:.1f} [{_num(r[f'{m}_ci_low'], '.1f')}, {_num(r[f'{m}_ci_high'], '.1f')}]" for m in METRICS]
+        cells = [f"{r[m]:.1f} {interval(r, m)}" for m in METRICS]
         out.append(f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} "
                    f"| {_num(r['mean_reward'], '.4f')} | " + " | ".join(cells)
                    + f" | {r['generated_tokens']} | {_num(r.get('tokens_per_instruction'), '.0f')} "
@@ -92,6 +103,10 @@ def paired_section(paired: list[dict]) -> list[str]:
     out = ["", "## Paired differences (percentage points, same prompts)", "",
            "| system | against | why | metric | difference | 95% CI | reading |", "|---|---|---|---|---|---|---|"]
     for p in paired:
+        if p.get("not_available"):
+            out.append(f"| {p['a']} | {p['b']} | {p['why']} | {p['metric']} | {shown(None, '', p['not_available'])} "
+                       "| n/a | not available |")
+            continue
         reading = "within noise" if p["within_noise"] else ("better" if p["diff"] > 0 else "worse")
         out.append(f"| {p['a']} | {p['b']} | {p['why']} | {p['metric']} | {p['diff']:+.2f} "
                    f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {reading} |")

@@ -186,6 +186,26 @@ def shown(x, fmt: str, reason: str | None = None) -> str:
     return f"{text} ({reason})" if text == "n/a" and reason else text
 
 
+# the ``not_available`` entry (evaluation.judging.annotation_metrics) that explains a row's metric;
+# an interval's bounds ``<m>_ci_low`` / ``<m>_ci_high`` are explained by ``<m>_ci``
+_REASON_OF = {"lc_standard_error": "length_controlled_winrate", "discrete_standard_error": "standard_error"}
+
+
+def why_not(row: dict, metric: str) -> str | None:
+    """Why a system row has no ``metric`` (from its ``not_available``), or None."""
+    missing = row.get("not_available") or {}
+    interval_of = metric.rsplit("_ci_", 1)[0] + "_ci" if metric.endswith(("_ci_low", "_ci_high")) else ""
+    return missing.get(metric) or missing.get(_REASON_OF.get(metric, interval_of))
+
+
+def interval(row: dict, metric: str, fmt: str = ".1f") -> str:
+    """"[low, high]" of ``metric``'s interval, or "n/a (reason)"."""
+    low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    if _num(low, fmt) == "n/a" or _num(high, fmt) == "n/a":
+        return shown(None, fmt, why_not(row, f"{metric}_ci_low"))
+    return f"[{low:{fmt}}, {high:{fmt}}]"
+
+
 def render(head: list[str], rows: list[dict], iterations: list[dict], paired: list[dict], plots: list[str],
            example_lines: list[str], promotions: list[dict], ifeval_lines: list[str] | None = None) -> str:
     """The markdown; ``ifeval_lines`` (the IFEval systems, paired and per-kind sections) replace the
@@ -221,10 +241,10 @@ def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
     ]
     for r in rows:
         name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
-        ci = f"[{_num(r['win_rate_ci_low'], '.1f')}, {_num(r['win_rate_ci_high'], '.1f')}]"
+        lc = shown(r["length_controlled_winrate"], ".2f", why_not(r, "length_controlled_winrate"))
         out.append(
             f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} | {_num(r['mean_reward'], '.4f')} "
-            f"| {r['win_rate']:.2f} | {ci} | {_num(r['length_controlled_winrate'], '.2f')} "
+            f"| {r['win_rate']:.2f} | {interval(r, 'win_rate')} | {lc} "
             f"| {r['generated_tokens']} | {_num(r['tokens_per_instruction'], '.0f')} "
             f"| {_num(r['reward_calls_per_instruction'], '.1f')} | {_num(r['beam_change_rate'], '.0%')} |"
         )
@@ -233,7 +253,8 @@ def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
                 "| system | against | why | difference | 95% CI | p | reading |", "|---|---|---|---|---|---|---|"]
         for p in paired:
             if p.get("not_available"):
-                out.append(f"| {p['system']} | {p['against']} | {p['why']} | n/a | n/a | n/a | {p['not_available']} |")
+                out.append(f"| {p['system']} | {p['against']} | {p['why']} | {shown(None, '', p['not_available'])} "
+                           "| n/a | n/a | not available |")
                 continue
             reading = "within noise" if p["within_noise"] else ("better" if p["mean_difference"] > 0 else "worse")
             out.append(f"| {p['system']} | {p['against']} | {p['why']} | {p['mean_difference']:+.2f} "

@@ -52,6 +52,7 @@ def system_row(system: str, iteration: int | None, decoded: dict, judged: dict) 
         "avg_length": m.get("avg_length"),
         "seconds_decode": decoded["seconds"],
         "seconds_judge": judged["seconds"],
+        "not_available": dict(m.get("not_available") or {}),  # metric -> why it is None
     }
 
 
@@ -76,21 +77,24 @@ def format_table(rows: list[dict]) -> str:
         for row in rows:
             m = "prompt_level_strict_acc"
             ci = f"{row[m]:6.2f} [{num(row[m + '_ci_low'], '5.1f')}, {num(row[m + '_ci_high'], '5.1f')}]"
+            why = report.why_not(row, m + "_ci_low")
             lines.append(f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
                          f"{row['mean_reward']:>13.4f}{ci:>26}{row['inst_level_strict_acc']:>12.2f}"
                          f"{row['prompt_level_loose_acc']:>13.2f}{row['inst_level_loose_acc']:>11.2f}"
-                         f"{row['policy_tokens']:>15d}")
+                         f"{row['policy_tokens']:>15d}" + (f"  95% CI n/a ({why})" if why else ""))
         return "\n".join(lines)
 
-    lines = [
-        f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'LC win':>9}{'policy tokens':>15}"
-    ]
+    # LC last: a win rate it cannot report is "n/a (why)", and so is an interval (after the LC cell)
+    lines = [f"{'system':<16}{'iter':>5}{'mean reward':>13}{'win rate [95% CI]':>26}{'policy tokens':>15}  LC win rate"]
     for row in rows:
-        ci = f"{row['win_rate']:6.2f} [{num(row['win_rate_ci_low'], '5.1f')}, {num(row['win_rate_ci_high'], '5.1f')}]"
+        low, high = row["win_rate_ci_low"], row["win_rate_ci_high"]
+        ci = f"[{low:5.1f}, {high:5.1f}]" if low is not None and high is not None else "[n/a]"
+        lc = report.shown(row["length_controlled_winrate"], ".2f", report.why_not(row, "length_controlled_winrate"))
+        if ci == "[n/a]" and report.why_not(row, "win_rate_ci_low"):
+            lc += f"; 95% CI {report.interval(row, 'win_rate')}"
         lines.append(
             f"{row['system']:<16}{('-' if row['iteration'] is None else row['iteration']):>5}"
-            f"{row['mean_reward']:>13.4f}{ci:>26}{num(row['length_controlled_winrate'], '9.2f'):>9}"
-            f"{row['policy_tokens']:>15d}"
+            f"{row['mean_reward']:>13.4f}{row['win_rate']:>13.2f} {ci:>12}{row['policy_tokens']:>15d}  {lc}"
         )
     return "\n".join(lines)
 
@@ -104,7 +108,9 @@ def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) ->
         beyond = [f"{p['system']} vs {p['against']} ({p['mean_difference']:+.2f})" for p in paired
                   if not p["within_noise"]]
         verdict = (
-            "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
+            f"No paired difference is available: {paired[0]['not_available']}."
+            if paired and all(p.get("not_available") for p in paired)
+            else "Differences beyond noise (95% paired interval excludes 0): " + "; ".join(beyond) + "."
             if beyond
             else "No SPI iteration differs from the baselines it is paired with beyond noise (every 95% paired "
             "interval holds 0)." if paired else ""

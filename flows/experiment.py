@@ -37,7 +37,7 @@ from flows.stages import FlowStages
 from spi import loop
 from spi.config import digest_of
 from spi.stagefiles import output_digest
-from spi.systems import write_guided_policy
+from spi.systems import system_params, write_guided_policy
 
 
 def slug(text: str) -> str:
@@ -77,6 +77,21 @@ def headline_metric(ctx: RunContext) -> str:
 def value_fits(iterations: list[dict]) -> dict:
     """Per iteration ("1", "2", ...: JSON keys): V_k's fit report (held-out pair accuracy, explained variance, ...)."""
     return {str(it["iteration"]): it["value"]["report"] for it in iterations}
+
+
+def run_params(ctx: RunContext) -> dict:
+    """The parent run's params: the recipe as it was run (overrides applied), with the places it really
+    used: ``execution.workdir`` the folder of this run (``--workdir`` or the form's), ``tracking.*`` the
+    tracking URI and store URL (passwords hidden), experiment and registered model that were resolved."""
+    data = json.loads(json.dumps(ctx.data))
+    data["execution"]["workdir"] = str(ctx.root)
+    data["tracking"].update(tracking_uri=_hide_password(ctx.tracking_uri), store_url=_hide_password(ctx.store_url),
+                            experiment=ctx.experiment, registered_model=ctx.registered_model)
+    return data
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)  # user:password@host -> user:***@host
 
 
 def check_judge(ctx: RunContext, allow_reward_judge: bool) -> None:
@@ -142,8 +157,30 @@ def evaluate(ctx: RunContext, iterations, value_dirs, allow_reward_judge: bool, 
     return evaluate_systems(ctx, iterations, value_dirs, allow_reward_judge, after)
 
 
+def child_params(ctx: RunContext, row: dict, iterations: list[dict]) -> dict:
+    """The child run's params: what the system is (spi.systems.system_params: W, K, L, N, sampling, its
+    guide, V_1..V_m by folder and digest with their weights and betas), its iteration, and the
+    Best-of-N's budget match."""
+    values = [(Path(it["value"]["path"]).name, it["value"]["digest"]) for it in iterations]
+    params = system_params(row["system"], ctx.recipe, values)
+    params["iteration"] = str(row["iteration"]) if row["iteration"] is not None else "none (baseline)"
+    if row.get("matches"):
+        params["matches_tokens_of"] = row["matches"]
+    return params
+
+
+def stage_times(stages: list[dict]) -> tuple[float | None, float | None]:
+    """(start, end) in epoch seconds of the stages a child run describes, as they ran (a cached stage:
+    when it was computed); None where no stage recorded them."""
+    starts = [s["started_at"] for s in stages if s.get("started_at") is not None]
+    ends = [s["ended_at"] for s in stages if s.get("ended_at") is not None]
+    return (min(starts) if starts else None), (max(ends) if ends else None)
+
+
 def track(ctx: RunContext, run_id: str, ev: Evaluation, iterations: list[dict]) -> None:
-    """Step 3: a child run per baseline and per iteration (metrics, generations, judgements, rollouts)."""
+    """Step 3: a child run per baseline and per iteration (the system's params, metrics, generations,
+    judgements, rollouts), timed by the stages it describes; a metric that is not available is a tag
+    with the reason, not a metric."""
     from mlflow_store import tracking
 
     for row in ev.rows:
@@ -151,13 +188,17 @@ def track(ctx: RunContext, run_id: str, ev: Evaluation, iterations: list[dict]) 
         decoded, judgement = ev.judged[name]
         metrics = {key: v for key, v in row.items() if key not in ("system", "iteration") and finite(v) is not None}
         artifacts = {"generations": decoded["path"], "judge_annotations": judgement["path"]}
+        stages = [decoded, judgement]
         if k is not None:
             it = iterations[k - 1]
             metrics.update({key: v for key, v in iteration_metrics(it).items() if finite(v) is not None})
             artifacts.update(rollouts=it["rollouts"]["path"], labels=it["labels"]["path"])
+            stages += [it["rollouts"], it["labels"], it["value"]]
+        started, ended = stage_times(stages)
         row["run_id"] = records.track_child_task(
             ctx.tracking_uri, run_id, name if k is None else "spi", k or 0, metrics, artifacts,
-            {"spi.judge": ev.judge, "spi.reward_model": ctx.reward_name})
+            {"spi.judge": ev.judge, "spi.reward_model": ctx.reward_name}, child_params(ctx, row, iterations),
+            row.get("not_available"), started, ended)
         if k is not None:
             headline = headline_metric(ctx)
             tracking.log_metrics(ctx.tracking_uri, run_id,
@@ -185,13 +226,21 @@ def register(ctx: RunContext, ev: Evaluation, iterations: list[dict], value_dirs
     return promotions
 
 
+def table_row(row: dict) -> dict:
+    """A system's row as the Prefect table shows it: rounded numbers, "n/a (why)" for a missing metric."""
+    from evaluation.report import shown, why_not
+
+    return {k: shown(None, "", why_not(row, k)) if v is None and why_not(row, k) else _round(v)
+            for k, v in row.items() if k != "not_available"}
+
+
 def report(ctx: RunContext, run_id: str, ev: Evaluation, iterations, promotions, progress: Progress) -> dict:
     """Step 5: the comparison (table, markdown, Prefect artifacts, parent-run artifacts) and the summary."""
     from mlflow_store import tracking
 
     r = ctx.recipe
     rep = write_report(ctx, ev, iterations, run_id, promotions)
-    create_table_artifact(key=f"{slug(r.name)}-comparison", table=[{k: _round(v) for k, v in row.items()} for row in ev.rows],
+    create_table_artifact(key=f"{slug(r.name)}-comparison", table=[table_row(row) for row in ev.rows],
                           description=f"Systems of {r.name} judged by {ev.judge}")
     create_markdown_artifact(key=f"{slug(r.name)}-report", markdown=rep["markdown"], description=f"SPI experiment {r.name}")
     progress.advance()
@@ -205,6 +254,8 @@ def report(ctx: RunContext, run_id: str, ev: Evaluation, iterations, promotions,
         "paired": rep["paired"], "promotions": promotions, "stages": dict(ctx.stages), "table": rep["table"],
         "report": str(rep["file"]),
     }
+    experiment_id = tracking.client_for(ctx.tracking_uri).get_run(run_id).info.experiment_id
+    summary["mlflow_ui"] = tracking.ui_url(ctx.tracking_uri, experiment_id)  # None for a database URI
     summary_file = ctx.dir / f"summary-{r.digest[:12]}.json"
     summary_file.write_text(json.dumps(summary, indent=1))
     for path, folder in [(rep["file"], "report"), (summary_file, "report"), (ev.references["path"], "eval")]:
@@ -212,6 +263,8 @@ def report(ctx: RunContext, run_id: str, ev: Evaluation, iterations, promotions,
     for plot in rep["plots"]:
         tracking.log_artifacts(ctx.tracking_uri, run_id, plot, f"report/{rep['plot_dir'].name}")
     get_run_logger().info("comparison (judge %s):\n%s", ev.judge, rep["table"])
+    if summary["mlflow_ui"]:
+        get_run_logger().info("MLflow UI, the runs of experiment %s: %s", ctx.experiment, summary["mlflow_ui"])
     return summary
 
 
@@ -247,8 +300,10 @@ def spi_experiment(
         log.info("resuming MLflow run %s of experiment %s", run_id, ctx.experiment)
         tracking.client_for(ctx.tracking_uri).update_run(run_id, status="RUNNING")
     else:
-        run_id = tracking.start_experiment_run(ctx.tracking_uri, ctx.experiment, ctx.data, r.digest,
-                                               tracking.code_version(), run_name=f"{r.name}-{r.digest[:8]}")
+        given = json.dumps(overrides or {}, sort_keys=True, default=str)  # the --set / form overrides
+        run_id = tracking.start_experiment_run(ctx.tracking_uri, ctx.experiment, run_params(ctx), r.digest,
+                                               tracking.code_version(), run_name=f"{r.name}-{r.digest[:8]}",
+                                               tags={tracking.TAG_OVERRIDES: given})
         log.info("started MLflow run %s in experiment %s", run_id, ctx.experiment)
     try:
         progress = Progress(ctx)

@@ -136,20 +136,28 @@ def track_child_task(
     artifacts: dict,
     tags: dict | None = None,
     params: dict | None = None,
+    not_available: dict | None = None,
+    started_at: float | None = None,
+    ended_at: float | None = None,
 ) -> str:
-    """The child run of (system, iteration): metrics, tags, params and artifacts (file or folder)."""
+    """The child run of (system, iteration): metrics, tags, params (the system's settings) and artifacts
+    (file or folder). A metric in ``not_available`` is no metric: its reason is the tag
+    ``spi.not_available.<metric>``. The run starts at ``started_at`` and ends at ``ended_at`` (epoch
+    seconds): when the stages it describes ran, not when it was logged."""
     from mlflow_store import tracking
 
-    run_id = tracking.find_or_create_child_run(tracking_uri, parent_run_id, system, iteration)
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    run_id = tracking.find_or_create_child_run(tracking_uri, parent_run_id, system, iteration, start_time=started_at)
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and v is not None and k not in (not_available or {})}
     tracking.log_metrics(tracking_uri, run_id, numeric)
-    if tags:
-        tracking.set_tags(tracking_uri, run_id, tags)
+    reasons = {f"{tracking.TAG_NOT_AVAILABLE}{k}": why for k, why in (not_available or {}).items()}
+    if tags or reasons:
+        tracking.set_tags(tracking_uri, run_id, {**(tags or {}), **reasons})
     if params:
         tracking.log_params(tracking_uri, run_id, params)
     for artifact_path, local in artifacts.items():
         tracking.log_artifacts(tracking_uri, run_id, local, artifact_path)
-    tracking.finish_run(tracking_uri, run_id)
+    tracking.finish_run(tracking_uri, run_id, end_time=ended_at)
     return run_id
 
 

@@ -44,13 +44,16 @@ def run_logger():
 
 
 def stage_result(stage: str, out: Path, key: str, started: float, computed: bool, **extra) -> dict:
-    """Result of a stage; the wall time of the run that computed it is kept beside the output."""
+    """Result of a stage; the run that computed it is kept beside the output: its wall time and when it
+    started and ended (epoch seconds; None for sidecars written before they were recorded)."""
     meta = Path(str(out) + ".stage.json")
     if computed or not meta.exists():
-        meta.write_text(json.dumps({"stage": stage, "seconds": time.perf_counter() - started, "key": key}))
-    seconds = json.loads(meta.read_text())["seconds"]
-    return {"stage": stage, "path": str(out), "digest": output_digest(out), "key": key, "seconds": seconds,
-            "computed": computed, **extra}
+        seconds, ended = time.perf_counter() - started, time.time()
+        meta.write_text(json.dumps({"stage": stage, "seconds": seconds, "key": key, "started_at": ended - seconds,
+                                    "ended_at": ended}))
+    ran = json.loads(meta.read_text())
+    return {"stage": stage, "path": str(out), "digest": output_digest(out), "key": key, "seconds": ran["seconds"],
+            "started_at": ran.get("started_at"), "ended_at": ran.get("ended_at"), "computed": computed, **extra}
 
 
 def _check_jsonl(path: Path, what: str) -> list[dict]:

@@ -40,6 +40,12 @@ TAG_CODE_VERSION = "spi.code_version"
 TAG_SYSTEM = "spi.system"
 TAG_ITERATION = "spi.iteration"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_OVERRIDES = "spi.overrides"  # the overrides (--set, the UI form's) the parent run was started with
+TAG_NOT_AVAILABLE = "spi.not_available."  # + metric name: why a child run has no such metric
+# MLflow 3 records what an experiment is for as this tag; "custom_model_development" is the runs view's
+# kind (the UI's "Model training"), "genai_development" the traces view's.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 _KNOWN_SCHEMES = {"sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks"}
 _CONNECT_TIMEOUT_S = 3.0
@@ -173,12 +179,8 @@ def flatten_params(recipe: Mapping, prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, prefix=f"{name}."))
             continue
-        if isinstance(value, str):
-            text = value
-        elif isinstance(value, (list, tuple, dict)):
-            text = json.dumps(value, sort_keys=True, default=str)
-        else:
-            text = str(value)
+        text = value if isinstance(value, str) else (
+            json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, tuple, dict)) else str(value))
         if len(text) > _PARAM_MAX_LEN:
             text = text[: _PARAM_MAX_LEN - 3] + "..."
         flat[name] = text
@@ -188,19 +190,11 @@ def flatten_params(recipe: Mapping, prefix: str = "") -> dict[str, str]:
 def code_version(repo_dir: str | os.PathLike | None = None) -> str:
     """The git commit of ``repo_dir`` (with ``-dirty`` when the tree has changes), else the package version."""
     cwd = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         pass
     try:
@@ -215,16 +209,22 @@ def code_version(repo_dir: str | os.PathLike | None = None) -> str:
 
 
 def get_or_create_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created with ``artifact_location`` (default: beside the DB) if new."""
+    """The id of experiment ``name``, created with ``artifact_location`` (default: beside the DB) if new.
+
+    The experiment is of MLflow 3's kind "custom_model_development" (tag ``mlflow.experimentKind``): its
+    runs, not GenAI traces, are what it holds. An existing experiment without a kind gets it; one a user
+    gave another kind keeps it."""
     client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if TAG_EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
     location = artifact_location or default_artifact_location(tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except MlflowException:
         experiment = client.get_experiment_by_name(name)  # created by a concurrent caller
         if experiment is None:
@@ -240,8 +240,10 @@ def start_experiment_run(
     code_version: str,
     run_name: str | None = None,
     artifact_location: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Create the parent run of one experiment run (params = flattened recipe) and return its id."""
+    """Create the parent run of one experiment run (params = flattened recipe, extra ``tags``) and
+    return its id."""
     client = client_for(tracking_uri)
     experiment_id = get_or_create_experiment(tracking_uri, experiment, artifact_location)
     tags = {
@@ -249,6 +251,7 @@ def start_experiment_run(
         TAG_DIGEST: digest,
         TAG_CODE_VERSION: code_version,
         "mlflow.source.git.commit": code_version,
+        **(tags or {}),
     }
     run = client.create_run(experiment_id, tags=tags, run_name=run_name or f"{experiment}-{digest[:8]}")
     log_params(tracking_uri, run.info.run_id, flatten_params(recipe))
@@ -270,8 +273,10 @@ def find_experiment_run(tracking_uri: str, experiment: str, digest: str) -> str 
     return runs[0].info.run_id if runs else None
 
 
-def find_or_create_child_run(tracking_uri: str, parent_run_id: str, system: str, iteration: int = 0) -> str:
-    """The child run of ``parent_run_id`` for (system, iteration); created only if none exists.
+def find_or_create_child_run(tracking_uri: str, parent_run_id: str, system: str, iteration: int = 0,
+                             start_time: float | None = None) -> str:
+    """The child run of ``parent_run_id`` for (system, iteration); created only if none exists, starting
+    at ``start_time`` (epoch seconds; default now): when the first stage it describes started.
 
     Baselines use iteration 0. Safe against concurrent calls from threads of one process.
     """
@@ -297,7 +302,8 @@ def find_or_create_child_run(tracking_uri: str, parent_run_id: str, system: str,
         for key in (TAG_DIGEST, TAG_CODE_VERSION):
             if key in parent.data.tags:
                 tags[key] = parent.data.tags[key]
-        run = client.create_run(experiment_id, tags=tags, run_name=f"{system}-iter{int(iteration)}")
+        run = client.create_run(experiment_id, tags=tags, run_name=f"{system}-iter{int(iteration)}",
+                                start_time=_ms(start_time))
         return run.info.run_id
 
 
@@ -381,11 +387,24 @@ def download_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dest:
     return Path(client_for(tracking_uri).download_artifacts(run_id, artifact_path, str(dest)))
 
 
-def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Mark a run FINISHED (or FAILED / KILLED)."""
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+    """Mark a run FINISHED (or FAILED / KILLED), ending at ``end_time`` (epoch seconds; default now)."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"run status must be FINISHED, FAILED or KILLED, not {status!r}")
-    client_for(tracking_uri).set_terminated(run_id, status=status)
+    client_for(tracking_uri).set_terminated(run_id, status=status, end_time=_ms(end_time))
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI's page of an experiment's runs (or of one run), for an http(s) tracking URI; None
+    otherwise. ``workflowType=machine_learning`` opens the runs view, not the GenAI traces view."""
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return None
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return f"{tracking_uri.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
 
 
 def _q(value: str) -> str:

@@ -40,7 +40,8 @@ class System:
     ``needs``: extra models among EXTRA_MODELS. ``guide(recipe, policy, reward_model, w2s_models)``:
     the guide of a system that is not steered by value models (None: unguided or value-guided).
     ``baseline``: may be listed in ``baselines.names``. ``fields``: the recipe fields its plan reads
-    beyond ``policy``, ``sampling`` and ``search`` (documentation; spi.stages keys the decode on them)."""
+    beyond ``policy``, ``sampling`` and ``search`` (documentation; spi.stages keys the decode on them).
+    ``guide_text``: what ``guide`` scores, in words (shown with the system's params)."""
 
     name: str
     pattern: str
@@ -51,6 +52,7 @@ class System:
     guide: Callable | None = None
     baseline: bool = True
     fields: tuple[str, ...] = ()
+    guide_text: str = ""
 
 
 SYSTEMS: dict[str, System] = {}
@@ -136,6 +138,41 @@ def system_plan(name: str, recipe, policy, value_models=(), reward_model=None, w
     return settings, guide
 
 
+def system_params(name: str, recipe, value_models=()) -> dict[str, str]:
+    """What ``name`` is, as flat strings (MLflow params of its run): the search it runs (W, K, L and
+    N = W*K rows, sampling, selection, final pick), its guide, the recipe fields its plan reads, and
+    each value model it reads with its weight (and beta, for spi-k). ``value_models``: (name, digest)
+    of V_1, V_2, ... as fitted; the first m are the system's."""
+    system, match = lookup(name)
+    s = system.plan(match, recipe, base_settings(recipe))
+    weights = value_weights(name, recipe)
+    if len(value_models) < len(weights):
+        raise ValueError(f"system '{name}' reads {len(weights)} value models, got {len(value_models)}")
+    if weights:
+        guide = " + ".join(f"{w:g}*V_{i}" for i, w in enumerate(weights, 1))
+    else:
+        guide = system.guide_text or "none (samples of the base policy)"
+    out = {
+        "system": name, "system.kind": system.name, "policy.model": recipe.policy.model,
+        "search.W": s.width, "search.K": s.successors, "search.N": s.rows,
+        "search.L": s.chunk_length if s.chunk_length is not None else "none (one chunk)",
+        "search.proposal": s.proposal, "search.selection": s.selection, "search.final_pick": s.final_pick,
+        "sampling.temperature": s.temperature, "sampling.top_k": s.top_k, "sampling.top_p": s.top_p,
+        "sampling.max_new_tokens": s.max_new_tokens, "guide": guide, "values.count": len(weights),
+    }
+    for field in system.fields:
+        section, key = field.split(".", 1)
+        out[field] = getattr(getattr(recipe, section), key)
+    betas = recipe.iterations.betas if system.name == "spi-k" else None
+    for i, ((model, digest), w) in enumerate(zip(value_models, weights, strict=False), 1):
+        out.update({f"values.V_{i}": f"{model}@{digest}", f"values.V_{i}.weight": w})
+        if betas:
+            out[f"values.V_{i}.beta"] = betas[i - 1]
+    if betas:
+        out["iterations.betas"] = betas[: len(weights)]
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
+
+
 def load_extra_models(name: str, recipe) -> tuple | None:
     """The weak-to-strong pair a system needs (the reward model is the recipe's, loaded by the stage)."""
     if "weak-to-strong" not in needs(name):
@@ -187,12 +224,14 @@ register(System("blockwise-cd", r"blockwise-cd", lambda m, r, b: replace(b, widt
 register(System("spi-k", r"spi-([0-9]+)", lambda m, r, b: b, baseline=False, fields=("iterations.betas",),
                 values=lambda m: int(m.group(1)), weight=lambda i, r: 1.0 / r.iterations.betas[i]))
 register(System("weak-to-strong", r"weak-to-strong", lambda m, r, b: b, needs=("weak-to-strong",), guide=_w2s_guide,
-                fields=("baselines.weak_to_strong_tuned", "baselines.weak_to_strong_untuned")))
+                fields=("baselines.weak_to_strong_tuned", "baselines.weak_to_strong_untuned"),
+                guide_text="log pi_tuned - log pi_untuned of the weak-to-strong pair"))
 register(System(
     "args", r"args",
     lambda m, r, b: replace(b, width=1, successors=r.baselines.args_top_k, chunk_length=1, proposal="topk",
                             final_pick="value"),
     needs=("reward",), guide=_args_guide, fields=("baselines.args_weight", "baselines.args_top_k"),
+    guide_text="log pi(token) + args_weight * reward(prefix)",
 ))
 
 

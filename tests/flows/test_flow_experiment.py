@@ -135,6 +135,82 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
     )
 
 
+def test_child_runs_carry_their_systems_params_and_stage_times(experiment):
+    """Compare in the MLflow UI lists what each system is (W, K, L, N, guide, V_i with digest and beta,
+    iteration); a child run spans the stages it describes, as recorded beside their outputs."""
+    from mlflow_store import tracking
+
+    workdir, summary, full = experiment
+    uri = summary["tracking_uri"]
+    client = tracking.client_for(uri)
+    children = {(c["system"], c["iteration"]): c["run_id"] for c in tracking.child_runs(uri, summary["experiment_run_id"])}
+    spi2 = client.get_run(children[("spi", 2)])
+    p = spi2.data.params
+    assert (p["search.W"], p["search.K"], p["search.L"], p["search.N"]) == ("2", "2", "4", "4")
+    assert (p["system"], p["iteration"], p["guide"]) == ("spi-2", "2", "1*V_1 + 0.5*V_2")
+    assert (p["values.V_1.beta"], p["values.V_2.beta"]) == ("1.0", "2.0")
+    from spi.stagefiles import output_digest
+
+    folder, digest = p["values.V_2"].split("@")
+    assert output_digest(workdir / "tiny" / "iteration-2" / folder) == digest  # V_2 as fitted, by content
+    greedy = client.get_run(children[("base-greedy", 0)]).data.params
+    assert (greedy["search.W"], greedy["search.K"], greedy["sampling.temperature"]) == ("1", "1", "0.0")
+    assert greedy["iteration"] == "none (baseline)" and greedy["values.count"] == "0"
+    bon = next(n for n in summary["systems"] if n.startswith("best-of-n:"))
+    bon_params = client.get_run(children[(bon, 0)]).data.params
+    assert bon_params["search.N"] == bon.split(":")[1] and bon_params["matches_tokens_of"].startswith("spi-")
+
+    def ran(pattern):  # (start, end) in ms of a stage, from the sidecar its task wrote
+        meta = json.loads(next((workdir / "tiny").glob(pattern + ".stage.json")).read_text())
+        return int(meta["started_at"] * 1000), int(meta["ended_at"] * 1000)
+
+    info = spi2.info
+    assert info.start_time == ran("iteration-2/rollouts-*.jsonl")[0]
+    assert info.end_time == max(ran("eval/judge-spi-2-*.json")[1], ran("eval/spi-2-*.json")[1])
+    sampled = client.get_run(children[("base-sampled", 0)]).info
+    assert (sampled.start_time, sampled.end_time) == (ran("eval/base-sampled-*.json")[0],
+                                                      ran("eval/judge-base-sampled-*.json")[1])
+    assert sampled.end_time - sampled.start_time >= 1  # the stages' duration, not the logging's
+
+
+def test_parent_params_and_experiment_kind_are_the_run_as_run(experiment):
+    """The parent's params say where the run really wrote (the --workdir given, not the recipe's
+    "runs") and the tracking it used; the experiment opens on MLflow's runs view."""
+    from mlflow_store import tracking
+
+    workdir, summary, _ = experiment
+    client = tracking.client_for(summary["tracking_uri"])
+    parent = client.get_run(summary["experiment_run_id"])
+    assert parent.data.params["execution.workdir"] == str(workdir.resolve())
+    assert parent.data.params["tracking.tracking_uri"] == summary["tracking_uri"]
+    assert parent.data.params["tracking.registered_model"] == NAME
+    assert json.loads(parent.data.tags[tracking.TAG_OVERRIDES]) == {}
+    experiment_ = client.get_experiment(parent.info.experiment_id)
+    assert experiment_.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_numbers_below_their_sample_size_are_not_available_with_the_reason(experiment):
+    """6 instructions: no LC win rate (it needs 30). The table and the report say "n/a (why)"; the child
+    run has no LC metric but a tag with the reason."""
+    from evaluation.length_control import MIN_LC_INSTRUCTIONS
+    from mlflow_store import tracking
+
+    _, summary, full = experiment
+    why = f"needs at least {MIN_LC_INSTRUCTIONS} instructions, got 6"
+    table = full["table"].splitlines()
+    assert "LC win rate" in table[0]
+    assert all(f"n/a (a length-controlled win rate {why})" in line for line in table[1:])
+    report_text = Path(full["report"]).read_text()
+    assert report_text.count(f"n/a (a length-controlled win rate {why})") == len(summary["systems"])
+    uri = summary["tracking_uri"]
+    children = tracking.child_runs(uri, summary["experiment_run_id"])
+    for child in [c for c in children if not c["system"].startswith("evaluate-")]:  # the experiment's systems
+        run = tracking.client_for(uri).get_run(child["run_id"])
+        assert "length_controlled_winrate" not in run.data.metrics
+        assert why in run.data.tags[tracking.TAG_NOT_AVAILABLE + "length_controlled_winrate"]
+        assert "win_rate_ci_low" in run.data.metrics  # 6 >= 5: the interval is a number
+
+
 def test_guided_policies_registered_and_round_trip(experiment, tmp_path):
     """Version k is spi-k as a whole: the base model and V_1..V_k with their betas, each V_i the
     folder the experiment fitted (same scores after the round trip through the registry)."""
@@ -353,3 +429,35 @@ def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp
     scored = evaluate_value_model(recipe=str(TINY), workdir=str(workdir), outputs=str(outputs))
     assert scored["win_rate"] == pytest.approx(summary["systems"]["base-sampled"]["win_rate"])
     assert scored["version"] is None
+
+
+def test_the_printed_table_says_why_a_number_is_missing():
+    """4 judged instructions: the table `spi run` prints has the win rate, and "n/a (why)" for the LC
+    win rate and the interval; IFEval rows on 4 prompts say why their interval is missing."""
+    from evaluation import ifeval
+    from evaluation.ifeval import PromptResult
+    from evaluation.ifeval_report import system_metrics
+    from evaluation.judging import annotation_metrics
+    from flows.compare import format_table, system_row
+
+    anns = [{"index": i, "instruction": f"q{i}", "reference": "r" * 40, "output": "o" * (20 + 9 * i),
+             "preference": 1.2 + 0.2 * i} for i in range(4)]
+    decoded = {"mean_reward": 0.1, "compute": {"policy_tokens": 40, "generated_tokens": 30}, "seconds": 1.0}
+    row = system_row("base-sampled", None, decoded, {"metrics": annotation_metrics(anns, n_boot=100), "seconds": 0.5})
+    line = format_table([row]).splitlines()[1]
+    assert f"{100 * sum(a['preference'] - 1 for a in anns) / 4:.2f}" in line and "[n/a]" in line
+    assert line.endswith("n/a (a length-controlled win rate needs at least 30 instructions, got 4); 95% CI n/a "
+                         "(a win-rate interval needs at least 5 instructions, got 4)")
+    results = [PromptResult(str(i), ("kind:a",), (i % 2 == 0,), (True,)) for i in range(4)]
+    verified = {"system": "spi-1", "iteration": 1, "mean_reward": 0.0, "policy_tokens": 9,
+                **system_metrics(ifeval.report(results, n_boot=100))}
+    assert format_table([verified]).splitlines()[1].endswith(
+        "95% CI n/a (a bootstrap interval over prompts needs at least 5 instructions, got 4)")
+
+
+def test_parent_params_hide_database_passwords():
+    from flows.experiment import _hide_password
+
+    assert _hide_password("postgresql+psycopg://spi:s3cret@db:5432/store") == "postgresql+psycopg://spi:***@db:5432/store"
+    assert _hide_password("sqlite:////tmp/runs/store.db") == "sqlite:////tmp/runs/store.db"
+    assert _hide_password("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -134,3 +134,40 @@ def test_new_sqlite_databases_start_from_one_migrated_template(tmp_path, monkeyp
     before = second.read_bytes()
     T._new_sqlite_from_template(second)
     assert second.read_bytes() == before
+
+
+def test_experiments_are_of_the_runs_kind(tracking_uri):
+    """MLflow 3's experiment kind: ours hold runs (custom_model_development), set when created and on an
+    older experiment that has none; a kind a user chose is kept."""
+    client = T.client_for(tracking_uri)
+    new = T.get_or_create_experiment(tracking_uri, "kind-new")
+    assert client.get_experiment(new).tags[T.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    old = client.create_experiment("kind-old")
+    assert T.TAG_EXPERIMENT_KIND not in client.get_experiment(old).tags
+    assert T.get_or_create_experiment(tracking_uri, "kind-old") == old
+    assert client.get_experiment(old).tags[T.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    chosen = client.create_experiment("kind-chosen", tags={T.TAG_EXPERIMENT_KIND: "genai_development"})
+    T.get_or_create_experiment(tracking_uri, "kind-chosen")
+    assert client.get_experiment(chosen).tags[T.TAG_EXPERIMENT_KIND] == "genai_development"
+
+
+def test_child_runs_span_the_times_they_are_given(tracking_uri):
+    """A child run logged after its stages still starts and ends when they ran (ms precision)."""
+    parent = T.start_experiment_run(tracking_uri, "times", {"a": 1}, "dig", "v", tags={T.TAG_OVERRIDES: '{"seed": 7}'})
+    client = T.client_for(tracking_uri)
+    assert client.get_run(parent).data.tags[T.TAG_OVERRIDES] == '{"seed": 7}'
+    started, ended = time.time() - 3600.0, time.time() - 1800.25
+    child = T.find_or_create_child_run(tracking_uri, parent, "spi", 1, start_time=started)
+    T.finish_run(tracking_uri, child, end_time=ended)
+    info = client.get_run(child).info
+    assert (info.start_time, info.end_time) == (int(started * 1000), int(ended * 1000))
+    assert info.status == "FINISHED"
+    unset = T.find_or_create_child_run(tracking_uri, parent, "spi", 2)  # no times given: now
+    assert abs(client.get_run(unset).info.start_time - time.time() * 1000) < 60_000
+
+
+def test_ui_url_opens_the_runs_view_of_a_server_only():
+    assert T.ui_url("http://127.0.0.1:5000/", "3") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert T.ui_url("http://h:1", "3", "abc").endswith("/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert T.ui_url("sqlite:////tmp/mlflow.db", "3") is None

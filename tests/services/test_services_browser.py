@@ -4,8 +4,10 @@
 Playwright: open the Prefect UI, find the SPI experiment deployment, start a custom run with changed
 parameters (a tiny recipe: tiny-llama / tiny-reward, and an override), watch it reach Completed, then
 open the MLflow UI and find that run's parent and child runs, its parameters, and the registered
-value model with its champion alias. Screenshots go to a folder the test prints ($SPI_SCREENSHOTS,
-else a pytest temp folder).
+value model with its champion alias. Then the embedded default as the README has it: `spi run` on
+SQLite, `mlflow server` on its database, the experiment's runs view by the link the run reports, and
+Compare of two child runs listing what each system is (W, K, N, its guide and value model).
+Screenshots go to a folder the test prints ($SPI_SCREENSHOTS, else a pytest temp folder).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import start_stack, stop_stack
+from conftest import ROOT, free_port, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +58,17 @@ execution: {{workdir: {workdir}, threads: 1}}
 """
 
 
-def _why_not() -> str | None:
+def _no_browser() -> str | None:
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} not found (apt-get install chromium chromium-driver)"
     if importlib.util.find_spec("playwright") is None:
         return "Python playwright not installed (pip install playwright==1.63.0; it drives Debian's chromium)"
+    return None
+
+
+def _why_not() -> str | None:
+    if _no_browser():
+        return _no_browser()
     if importlib.util.find_spec("flows.deployments") is None:
         return "flows/deployments.py does not exist yet: there is no SPI deployment to start from the UI"
     return None
@@ -201,11 +212,10 @@ def _find_run_and_model_in_mlflow(page, mlflow: str, shots: Path) -> None:
     aliases = dict(client.get_registered_model(model).aliases)
     assert "champion" in aliases, aliases
     page.goto(mlflow + "/#/models")
-    page.keyboard.press("Escape")  # a one-time promotion dialog about the registry UI
     page.get_by_text(model, exact=True).first.wait_for()
-    page.get_by_text("champion").first.wait_for()
+    page.get_by_text("Aliased versions").first.wait_for()  # one alias shown, the others behind "+1"
     page.wait_for_timeout(1000)
-    page.keyboard.press("Escape")
+    page.keyboard.press("Escape")  # a one-time promotion dialog about the registry UI
     page.screenshot(path=str(shots / "07-mlflow-registered-models.png"))
     page.goto(f"{mlflow}/#/models/{model}")
     page.get_by_text(f"Version {aliases['champion']}").first.wait_for()
@@ -219,3 +229,109 @@ def _close_assistant(page) -> None:
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
+
+
+# --------------------------------------------------------------------------- Compare of child runs
+
+
+def _spi_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _mlflow_server(database: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on an experiment's SQLite database (the README's way to look at a run), in its
+    own process group; returns once /health answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+         f"sqlite:///{database}", "--workers", "1"],
+        env=_spi_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"mlflow server on port {port} did not start (exit code {proc.poll()})") from None
+            time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_compare_child_runs_shows_what_each_system_is(tmp_path, shots):
+    """`spi run` (embedded default: SQLite), `mlflow server` on its database; the experiment's link opens
+    the runs view, and Compare of spi-1 and base-sampled lists their params side by side."""
+    reason = _no_browser()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    from mlflow_store import tracking
+
+    name, workdir = "ui-compare", tmp_path / "runs"
+    database = workdir / "mlflow.db"
+    recipe = tmp_path / "compare.yaml"
+    recipe.write_text(TINY_RECIPE.format(name=name, mlflow=f"sqlite:///{database}", workdir=workdir))
+    summary_file = tmp_path / "summary.json"
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe), "--workdir", str(workdir),
+                          "--summary-json", str(summary_file)], env=_spi_env(), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    parent = json.loads(summary_file.read_text())["experiment_run_id"]
+
+    port = free_port()
+    server = _mlflow_server(database, port)
+    try:
+        mlflow = f"http://127.0.0.1:{port}"
+        children = {(c["system"], c["iteration"]): c["run_id"] for c in tracking.child_runs(mlflow, parent)}
+        spi1, sampled = children[("spi", 1)], children[("base-sampled", 0)]
+        client = tracking.client_for(mlflow)
+        experiment_id = client.get_run(parent).info.experiment_id
+        value1 = client.get_run(spi1).data.params["values.V_1"]
+        assert value1.startswith("value-") and "@" in value1
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(90_000)
+            try:
+                page.goto(tracking.ui_url(mlflow, experiment_id))  # the runs view, not the GenAI overview
+                page.wait_for_url("**/runs?**")
+                page.get_by_text(client.get_run(parent).info.run_name, exact=True).first.wait_for()
+                assert "workflowType=machine_learning" in page.url
+                page.screenshot(path=str(shots / "10-mlflow-runs-view.png"))
+                page.goto(f"{mlflow}/#/compare-runs?runs={json.dumps([spi1, sampled])}"
+                          f"&experiments={json.dumps([experiment_id])}")
+                page.get_by_text("search.W", exact=True).first.wait_for()
+                _close_assistant(page)
+                page.get_by_text("search.W", exact=True).first.scroll_into_view_if_needed()
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots / "11-mlflow-compare-child-runs.png"), full_page=True)
+
+                def param_row(key: str) -> list[str]:  # the Parameters table's row: key, spi-1's, base-sampled's
+                    row = page.locator("tr", has=page.get_by_text(key, exact=True)).first
+                    return [cell.inner_text().strip() for cell in row.locator("th, td").all()]
+
+                assert param_row("search.W") == ["search.W", "2", "1"]  # W of the search vs plain sampling
+                assert param_row("search.N") == ["search.N", "4", "1"]
+                assert param_row("guide") == ["guide", "1*V_1", "none (samples of the base policy)"]
+                assert param_row("values.V_1")[:2] == ["values.V_1", value1]
+                assert param_row("system") == ["system", "spi-1", "base-sampled"]
+            except Exception:
+                page.screenshot(path=str(shots / "19-compare-failure.png"), full_page=True)
+                raise
+            finally:
+                browser.close()
+    finally:
+        _stop(server)
