@@ -253,7 +253,6 @@ def cmd_promote(args) -> int:
         uri = resolve_tracking_uri(args.tracking_uri, args.workdir, must_exist=True)
     except TrackingURIError as err:
         return report_error(LookupError(f"no registered model named '{args.registered_model}': {err}"))
-    print(f"registry: {uri}", file=sys.stderr)
     try:
         from mlflow_store.registry import get_version
 
@@ -272,7 +271,8 @@ def cmd_promote(args) -> int:
         return report_error(err)
     verb = "promoted" if decision["promoted"] else "not promoted"
     print(
-        f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}"
+        f"{args.registered_model} ({uri}): candidate version {decision['candidate_version']} {verb}: "
+        f"{decision['reason']}"
     )
     return 0
 
