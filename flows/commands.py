@@ -105,10 +105,10 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from evaluation.data import DataError
     from evaluation.judges import JudgeSpecError
     from flows.context import StageError
+    from flows.stack.plan import ServiceError
     from mlflow_store.registry import RegistryError
     from mlflow_store.store import StoreError
     from mlflow_store.tracking import TrackingURIError
-    from flows.stack.plan import ServiceError
     from spi.config import RecipeError
 
     return (

@@ -80,7 +80,7 @@ def check_models(recipe: Recipe) -> None:
 
 def check_model(name: str) -> None:
     """``name`` can be loaded here without a download surprise; raises with the reason otherwise."""
-    from spi.models import BUILTINS, ModelNotFoundError, RANDOM_SHAPES, resolve
+    from spi.models import BUILTINS, RANDOM_SHAPES, ModelNotFoundError, resolve
 
     if name in BUILTINS:  # the packaged model registry: built on first use from installed packages
         return
@@ -112,6 +112,7 @@ def _offline() -> bool:
 def _hub_lookup(name: str) -> None:
     """One request to the hub, with a short timeout and no retries."""
     from huggingface_hub import HfApi
+
     from spi.models import ModelNotFoundError
 
     try:
