@@ -27,6 +27,7 @@ from flows.stack.plan import (
     SERVICES,
     ServiceError,
     StackConfig,
+    find_home,
     forget_home,
     record_home,
     resolve_home,
@@ -189,7 +190,7 @@ def status_rows(home: Path) -> list[dict]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    home = resolve_home(args.home)
+    home = find_home(args.home)  # looking creates nothing
     rows = status_rows(home)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -204,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    home = resolve_home(args.home)
+    home = find_home(args.home)
     state = load_state(home)
     if not state["services"]:
         print(f"nothing to stop (no {state_path(home)})")
