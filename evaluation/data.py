@@ -49,14 +49,17 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "no such file")
-    with _open_text(path) as fh:
-        text = fh.read()
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except (OSError, EOFError, UnicodeDecodeError) as err:  # not gzip, truncated, not UTF-8
+        raise DataError(path, None, f"cannot be read ({type(err).__name__}: {err})") from None
     name = path.name.removesuffix(".gz")
     if name.endswith(".json"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
+            raise DataError(path, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
         if not isinstance(data, list):
             raise DataError(path, None, "expected a JSON list of objects")
         rows = list(enumerate(data, start=1))
@@ -68,7 +71,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
             try:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
+                raise DataError(path, lineno, f"invalid JSON at column {err.colno}: {err.msg}") from None
     for row, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(path, row, f"expected a JSON object, got {type(obj).__name__}")

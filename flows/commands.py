@@ -5,11 +5,14 @@
     spi generate --prompts SOURCE (--system NAME --workdir DIR [--recipe R] | --model models:/NAME@ALIAS)
                  --out OUT.jsonl     a fitted system answers any prompts (spi.generate); resumable
 
-``spi run`` runs the experiment flow in this process. With no PREFECT_API_URL set, Prefect uses its
-local temporary API (nothing to start by hand); MLflow and the store default to SQLite files in the
-work directory. Bad input (unknown recipe field, unreachable tracking URI, corrupt stage file,
-unknown registered model) ends with one ``error: ...`` line and exit code 2; finished stages are kept
-and a rerun resumes from them.
+``spi run`` runs the experiment flow in this process. Its Prefect API: PREFECT_API_URL, else the running
+stack's (``spi up``), else a temporary server that dies with this process (flows.stack.temporary).
+MLflow: the recipe's tracking.tracking_uri, else MLFLOW_TRACKING_URI, else the running stack's server,
+else a SQLite file in the work directory (flows.context.resolve_tracking_uri; ``spi promote`` and
+``spi generate`` resolve the same way and never create a database). Before the first stage every model
+resolves and every data file parses in full (flows.preflight). Bad input (unknown recipe field, missing
+model, corrupt data file, unreachable tracking URI, corrupt stage file, unknown registered model) ends
+with one ``error: ...`` line and exit code 2; finished stages are kept and a rerun resumes from them.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("registered_model", help="registered model name, e.g. smoke-value")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="runs", help="work directory whose mlflow.db holds the registry")
-    where.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI")
+    where.add_argument("--workdir", default="runs", help="work directory whose mlflow.db holds the registry, "
+                       "when neither MLFLOW_TRACKING_URI is set nor a stack (`spi up`) runs")
+    where.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: "
+                       "MLFLOW_TRACKING_URI, else the running stack's MLflow server, else --workdir's mlflow.db)")
     p.add_argument("--margin", type=float, default=0.0,
                    help="win-rate points (>= 0) that the lower bound of the 95%% paired interval of "
                    "candidate - champion must exceed")
@@ -100,6 +105,7 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from evaluation.data import DataError
     from evaluation.judges import JudgeSpecError
     from flows.context import StageError
+    from flows.stack.plan import ServiceError
     from mlflow_store.registry import RegistryError
     from mlflow_store.store import StoreError
     from mlflow_store.tracking import TrackingURIError
@@ -107,6 +113,7 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
 
     return (
         RecipeError,
+        ServiceError,  # a corrupt state file of the stack, a temporary Prefect server that does not start
         TrackingURIError,
         StoreError,
         RegistryError,
@@ -131,31 +138,35 @@ def cmd_run(args) -> int:
     from spi.config import parse_overrides
 
     errors = bad_input_errors()
-    try:  # fail before anything starts: recipe, tracking URI, store URL
+    try:  # fail before anything starts: recipe, judge, models, data files, tracking URI, store URL
         overrides = parse_overrides(args.overrides)
         recipe = load_run_recipe(args.recipe, overrides)  # the flow reads this same parsed recipe
         from flows.context import RunContext
         from flows.experiment import check_judge
+        from flows.preflight import check_inputs
 
         ctx = RunContext(recipe, args.workdir)
         check_judge(ctx, args.allow_reward_judge)
+        check_inputs(recipe)
         client_for(ctx.tracking_uri)
         Store(ctx.store_url).close()
     except errors as err:
         return report_error(err)
 
     from flows.experiment import spi_experiment
+    from flows.stack.temporary import prefect_api
 
     print(f"spi run {recipe.name} ({recipe.digest}): files in {ctx.dir}")
     print(f"  MLflow {ctx.tracking_uri} (experiment {ctx.experiment}), store {ctx.store_url}")
     started = time.perf_counter()
     try:
-        summary = spi_experiment(
-            recipe=args.recipe,
-            overrides=overrides or None,
-            workdir=str(ctx.root),
-            allow_reward_judge=args.allow_reward_judge,
-        )
+        with prefect_api(lambda line: print(f"  {line}", flush=True)):
+            summary = spi_experiment(
+                recipe=args.recipe,
+                overrides=overrides or None,
+                workdir=str(ctx.root),
+                allow_reward_judge=args.allow_reward_judge,
+            )
     except errors as err:
         print("finished stages are kept; rerun the same command to resume", file=sys.stderr)
         return report_error(err)
@@ -230,39 +241,38 @@ def _finite(x):
 
 def cmd_promote(args) -> int:
     from evaluation.metrics import check_margin
-    from mlflow_store.tracking import default_tracking_uri
+    from flows.context import resolve_tracking_uri
+    from mlflow_store.tracking import TrackingURIError
 
     errors = bad_input_errors()
     try:
         check_margin(args.margin)
     except ValueError as err:
         return report_error(ValueError(f"--margin: {err}"))
-    if not args.tracking_uri and not (Path(args.workdir) / "mlflow.db").is_file():
-        return report_error(
-            LookupError(
-                f"no registered model named '{args.registered_model}': "
-                f"{Path(args.workdir).resolve() / 'mlflow.db'} does not exist "
-                "(no experiment has run in this work directory; pass --workdir or --tracking-uri)"
-            )
-        )
-    uri = args.tracking_uri or default_tracking_uri(args.workdir)
+    try:  # --tracking-uri > MLFLOW_TRACKING_URI > the running stack > <workdir>/mlflow.db (never created here)
+        uri = resolve_tracking_uri(args.tracking_uri, args.workdir, must_exist=True)
+    except TrackingURIError as err:
+        return report_error(LookupError(f"no registered model named '{args.registered_model}': {err}"))
     try:
         from mlflow_store.registry import get_version
 
         get_version(uri, args.registered_model, "candidate")  # clear error before a flow run starts
         from flows.model_flows import promote_value_model
+        from flows.stack.temporary import prefect_api
 
-        decision = promote_value_model(
-            registered_model=args.registered_model,
-            tracking_uri=uri,
-            margin=args.margin,
-            use_stages=args.stages,
-        )
+        with prefect_api(lambda line: print(line, file=sys.stderr)):
+            decision = promote_value_model(
+                registered_model=args.registered_model,
+                tracking_uri=uri,
+                margin=args.margin,
+                use_stages=args.stages,
+            )
     except errors as err:
         return report_error(err)
     verb = "promoted" if decision["promoted"] else "not promoted"
     print(
-        f"{args.registered_model}: candidate version {decision['candidate_version']} {verb}: {decision['reason']}"
+        f"{args.registered_model} ({uri}): candidate version {decision['candidate_version']} {verb}: "
+        f"{decision['reason']}"
     )
     return 0
 
@@ -283,20 +293,20 @@ def _generate_plan(args, stack):
         return generate.workdir_plan(recipe, args.workdir, args.system)
     if not args.model.startswith("models:/"):
         return generate.policy_plan(Path(args.model), recipe)
+    from flows.context import resolve_tracking_uri
     from mlflow_store.registry import load_registered_value_model
-    from mlflow_store.tracking import default_tracking_uri
+    from mlflow_store.tracking import TrackingURIError
 
     ref = args.model.removeprefix("models:/")
     name, sep, alias = ref.partition("@") if "@" in ref else ref.partition("/")
     if not (name and sep and alias):
         raise generate.GenerateError(f"--model {args.model}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    workdir = Path(args.workdir or "runs")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri and not (workdir / "mlflow.db").is_file():
-        raise generate.GenerateError(f"no registered model {name!r}: {workdir.resolve() / 'mlflow.db'} does not "
-                                     "exist (pass --workdir or --tracking-uri)")
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri, args.workdir or "runs", must_exist=True)
+    except TrackingURIError as err:
+        raise generate.GenerateError(f"no registered model {name!r}: {err}") from None
     download = stack.enter_context(tempfile.TemporaryDirectory(prefix="spi-generate-"))
-    folder = load_registered_value_model(name, alias, uri or default_tracking_uri(workdir), download)
+    folder = load_registered_value_model(name, alias, uri, download)
     return replace(generate.policy_plan(folder, recipe), source=args.model)
 
 

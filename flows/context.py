@@ -22,6 +22,7 @@ Work directory layout (``--workdir`` / ``execution.workdir``)::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from spi.config import Recipe, load_recipe
@@ -33,6 +34,57 @@ _PARSED: dict = {}
 
 class StageError(RuntimeError):
     """A stage output that cannot be used (changed on disk, corrupt); the message names the file."""
+
+
+def resolve_tracking_uri(explicit: str | None = None, workdir: str | os.PathLike | None = None,
+                         must_exist: bool = False) -> str:
+    """The MLflow tracking/registry URI every command and flow uses, resolved when called (never at import):
+    ``explicit`` (a flag, the recipe's tracking.tracking_uri) > $MLFLOW_TRACKING_URI > the MLflow server of
+    the running ``spi up`` stack (flows.stack) > the SQLite file <workdir>/mlflow.db (workdir default runs).
+
+    ``must_exist`` is for readers (promote, generate, evaluate): a SQLite database that does not exist
+    yet is an error naming the file, so that looking something up never leaves an empty database behind.
+    """
+    from mlflow_store.tracking import TrackingURIError
+
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or _stack_mlflow_url()
+    if not uri:
+        uri = f"sqlite:///{Path(workdir or 'runs').expanduser().resolve() / 'mlflow.db'}"
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if must_exist and db is not None and not db.is_file():
+        raise TrackingURIError(
+            f"no MLflow database at {db} (nothing has been tracked there); pass --workdir or --tracking-uri, "
+            "set MLFLOW_TRACKING_URI, or start the stack with `spi up`"
+        )
+    if db is not None and not must_exist:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+# Names Prefect gives a flow run nobody named: the server's two-word slug (coolname: crimson-otter) and
+# the UI's Custom run form's prefill (a Greek letter, digits, a constellation: alpha7-andromedae[-cloud]).
+_GREEK = ("alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|omicron|pi|rho|sigma|tau|"
+          "upsilon|phi|chi|psi|omega")
+_GENERATED_NAME = re.compile(rf"^(?:[a-z]+-[a-z]+|(?:{_GREEK})[0-9]*-[a-z]+(?:-[a-z]+)?)$")
+
+
+def typed_run_name(default: str) -> str:
+    """For a flow's ``flow_run_name`` callable: the name the user gave the flow run (the Custom run form,
+    ``prefect deployment run --flow-run-name``, the client), else ``default``. Prefect renames every run of
+    a flow that has a flow_run_name; a name that has the shape of one Prefect generates (see
+    ``_GENERATED_NAME``) counts as not given."""
+    from prefect.runtime import flow_run
+
+    current = flow_run.name
+    if current and not _GENERATED_NAME.fullmatch(current):
+        return current
+    return default
+
+
+def _stack_mlflow_url() -> str | None:
+    from flows.stack.process import stack_mlflow_url
+
+    return stack_mlflow_url()
 
 
 def load_run_recipe(recipe: str, overrides: dict | None) -> Recipe:
@@ -52,7 +104,6 @@ class RunContext:
 
     def __init__(self, recipe: Recipe, workdir: str | None = None, runner: str = "task"):
         from mlflow_store.store import default_store_url
-        from mlflow_store.tracking import default_tracking_uri
 
         if runner not in RUNNERS:
             raise ValueError(f"unknown stage runner '{runner}' (known: {', '.join(RUNNERS)})")
@@ -62,9 +113,8 @@ class RunContext:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dir = self.root / recipe.name
         self.results = self.root / ".prefect-results"
-        # The recipe wins; then the services' environment (spi up, compose); then files in the workdir.
-        self.tracking_uri = (recipe.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                             or default_tracking_uri(self.root))
+        # The recipe wins; then MLFLOW_TRACKING_URI; then the running stack (spi up); then files in the workdir.
+        self.tracking_uri = resolve_tracking_uri(recipe.tracking.tracking_uri, self.root)
         self.store_url = recipe.tracking.store_url or os.environ.get("SPI_STORE_URL") or default_store_url(self.root)
         self.experiment = recipe.tracking.experiment or recipe.name
         self.registered_model = recipe.tracking.registered_model or f"{recipe.name}-value"

@@ -7,6 +7,10 @@ evaluate-value-model/evaluate-champion nightly: score models:/<recipe>-value@cha
                                        guided policy (spi-k with V_1..V_k)
 fit-local-judge/fit-judge              train the local Bradley-Terry judge
 promote-value-model/promote            move champion to candidate when it wins by the margin
+
+No default pins a tracking location: each flow resolves MLflow when it runs
+(flows.context.resolve_tracking_uri), so under ``spi up`` the serving process's MLFLOW_TRACKING_URI (the
+stack's server) is where the experiment tracks and where evaluate and promote find the registry.
 """
 
 from __future__ import annotations

@@ -156,10 +156,14 @@ def read_records(path: str | os.PathLike, cache: str | os.PathLike | None = None
         raise PromptSetError(path, None, "no such file")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     folder = Path(cache or cache_dir()) / "files" / digest
+    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    json_logger.disabled = True  # it logs a bad file at ERROR level; the PromptSetError below says it once
     try:
         dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=str(folder))
     except DatasetGenerationError as err:
         raise _locate_bad_json(path, err) from None
+    finally:
+        json_logger.disabled = False
     rows = dataset.to_list()
     return list(zip(_row_numbers(path, len(rows)), rows, strict=True))
 
@@ -192,7 +196,8 @@ def _read_hub(hub_id: str, split: str, schema: str, cache) -> tuple[str, str, li
 
 
 def _locate_bad_json(path: Path, err: Exception) -> PromptSetError:
-    """Name the first line (JSONL) that is not a JSON object, or the file when it is one document."""
+    """Name the first line (JSONL) that is not a JSON object, with the column where its JSON breaks, or
+    the line and column of a JSON document that does not parse."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -201,9 +206,14 @@ def _locate_bad_json(path: Path, err: Exception) -> PromptSetError:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as bad:
-                return PromptSetError(path, line_no, f"invalid JSON: {bad.msg}")
+                return PromptSetError(path, line_no, f"invalid JSON at column {bad.colno}: {bad.msg}")
             if not isinstance(value, dict):
                 return PromptSetError(path, line_no, f"expected a JSON object, got {type(value).__name__}")
+    else:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            return PromptSetError(path, None, f"invalid JSON at line {bad.lineno}, column {bad.colno}: {bad.msg}")
     cause = err.__cause__ or err
     return PromptSetError(path, None, f"cannot be read as JSON records ({type(cause).__name__}: {cause})")
 

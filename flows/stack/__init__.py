@@ -4,6 +4,8 @@
     process.py    start, observe and stop the processes; the state file <home>/services.json
     health.py     HTTP health checks and the Prefect API's deployments
     commands.py   the three commands and their arguments (``python -m flows.stack up|down|status``)
+    temporary.py  the Prefect API of ``spi run``: configured, the stack's, or a temporary server that
+                  dies with the command
 
 ``spi up`` starts, each bound to 127.0.0.1 and detached in its own process group:
 

@@ -6,8 +6,10 @@
 
 ``spi up`` starts the services of flows.stack.plan, each bound to 127.0.0.1 and detached in its own
 process group, records each (pid, start time, log file, URL) in <home>/services.json, waits for the
-HTTP health endpoints and prints start-up time and memory (RSS of the process tree). ``spi down``
-stops exactly the recorded processes and their descendants.
+HTTP health endpoints and prints start-up time and memory (RSS of the process tree). It records its
+home (flows.stack.plan.pointer_path), so ``spi status``, ``spi down`` and the commands that track
+(``spi run``, ``spi promote``) find the stack without --home. ``spi down`` stops exactly the recorded
+processes and their descendants.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from flows.stack.plan import (
     SERVICES,
     ServiceError,
     StackConfig,
+    find_home,
+    forget_home,
+    record_home,
     resolve_home,
     services_to_start,
 )
@@ -72,6 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name}: {stop(state['services'][name])}", file=sys.stderr)
         state_path(home).unlink(missing_ok=True)
         return 1
+    record_home(home)
     total = sum(tree_rss(r["pid"]) for r in state["services"].values())
     print(f"all up in {time.time() - t0:.1f} s, {_mib(total)} resident in all")
     if "serve" in state["services"]:
@@ -184,7 +190,7 @@ def status_rows(home: Path) -> list[dict]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    home = resolve_home(args.home)
+    home = find_home(args.home)  # looking creates nothing
     rows = status_rows(home)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -199,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    home = resolve_home(args.home)
+    home = find_home(args.home)
     state = load_state(home)
     if not state["services"]:
         print(f"nothing to stop (no {state_path(home)})")
@@ -214,11 +220,15 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("error: some processes outlived SIGKILL; the state file is kept", file=sys.stderr)
         return 1
     state_path(home).unlink(missing_ok=True)
+    forget_home(home)
     return 0
 
 
 def add_commands(subparsers) -> None:
-    home_help = "folder for the state file, logs and default databases (default $SPI_HOME or ~/.spi)"
+    home_help = (
+        "folder for the state file, logs and default databases (default $SPI_HOME, else the home the "
+        "running `spi up` recorded, else ~/.spi)"
+    )
     up = subparsers.add_parser(
         "up", help="start the Prefect server, MLflow server and serving process on 127.0.0.1"
     )

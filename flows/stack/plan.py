@@ -69,11 +69,50 @@ class Service:
     cwd: str = str(PROJECT_ROOT)
 
 
+def pointer_path() -> Path:
+    """Where ``spi up`` records its home, so that ``spi status``, ``spi down``, ``spi run`` and ``spi promote``
+    find the running stack without --home: $XDG_STATE_HOME/spi/stack-home (default ~/.local/state)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state).expanduser() / "spi" / "stack-home"
+
+
+def find_home(home: str | os.PathLike | None = None) -> Path:
+    """--home, else $SPI_HOME, else the home the last ``spi up`` recorded (while its state file exists),
+    else ~/.spi. Absolute; nothing is created."""
+    given = home or os.environ.get("SPI_HOME")
+    if given:
+        return Path(given).expanduser().resolve()
+    try:
+        recorded = Path(pointer_path().read_text().strip())
+    except OSError:
+        recorded = None
+    if recorded and recorded.is_absolute() and (recorded / STATE_FILE).is_file():
+        return recorded
+    return (Path.home() / ".spi").resolve()
+
+
 def resolve_home(home: str | os.PathLike | None) -> Path:
-    """--home, else $SPI_HOME, else ~/.spi (absolute, created)."""
-    root = Path(home or os.environ.get("SPI_HOME") or Path.home() / ".spi").expanduser().resolve()
+    """:func:`find_home`, created."""
+    root = find_home(home)
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def record_home(home: Path) -> None:
+    """Remember ``home`` as the home of the running stack (see :func:`pointer_path`)."""
+    path = pointer_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{home}\n")
+
+
+def forget_home(home: Path) -> None:
+    """Drop the record of ``home`` (only if it still names this home)."""
+    path = pointer_path()
+    try:
+        if Path(path.read_text().strip()) == home:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def mlflow_db_url(db: str | None, home: Path) -> str:

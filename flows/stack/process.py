@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from flows.stack.plan import HOST, STATE_FILE, Service, ServiceError, service_environment
+from flows.stack.plan import HOST, STATE_FILE, Service, ServiceError, find_home, service_environment
 from spi.stagefiles import write_atomic
 
 
@@ -199,3 +199,21 @@ def save_state(home: Path, state: dict) -> None:
         },
     }
     write_atomic(path, json.dumps(clean, indent=2) + "\n")
+
+
+def running_services(home: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The services of the stack in :func:`flows.stack.plan.find_home` that still run, by name ({} when
+    none, or when nothing was started there). Reads only: no folder or file is created."""
+    return {name: r for name, r in load_state(find_home(home))["services"].items() if is_alive(r)}
+
+
+def stack_mlflow_url(home: str | os.PathLike | None = None) -> str | None:
+    """The running stack's MLflow server (http://127.0.0.1:PORT), or None."""
+    record = running_services(home).get("mlflow-server")
+    return record["url"] if record else None
+
+
+def stack_prefect_api(home: str | os.PathLike | None = None) -> str | None:
+    """The running stack's Prefect API (http://127.0.0.1:PORT/api), or None."""
+    record = running_services(home).get("prefect-server")
+    return record["health_url"].removesuffix("/health") if record else None

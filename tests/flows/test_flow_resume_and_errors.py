@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.flows.conftest import TINY, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,3 +113,102 @@ def test_judge_problems_fail_before_anything_runs(tmp_path, capsys, monkeypatch)
     assert run_cli("run", TINY, "--workdir", tmp_path, "--set", "evaluation.judge=reward") == 2
     assert "reward model the experiment was trained on" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_missing_model_fails_before_the_first_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: at once, no hub retries
+    started = time.monotonic()
+    assert run_cli("run", TINY, "--workdir", tmp_path, "--set", "policy.model=nobody/no-such-model") == 2
+    assert time.monotonic() - started < 30
+    err = _one_error_line(capsys)
+    assert "policy.model" in err and "nobody/no-such-model" in err and "HF_HUB_OFFLINE" in err
+    assert run_cli("run", TINY, "--workdir", tmp_path, "--set", f"reward.model={tmp_path / 'no-folder'}") == 2
+    assert "reward.model" in _one_error_line(capsys)
+    assert not (tmp_path / "tiny").exists()  # no stage output
+
+
+def test_corrupt_eval_set_line_fails_before_the_first_stage(tmp_path, capsys):
+    eval_set = tmp_path / "eval.jsonl"
+    good = [json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) for i in range(7)]
+    eval_set.write_text("\n".join(good) + '\n{"instruction": "Say 7.", "output": \n')
+    started = time.monotonic()
+    assert run_cli("run", TINY, "--workdir", tmp_path / "w", "--set", f"evaluation.eval_set={eval_set}") == 2
+    assert time.monotonic() - started < 30
+    err = _one_error_line(capsys)
+    assert "evaluation.eval_set" in err and f"{eval_set}, row 8" in err and "column 37" in err, err  # after "output": 
+    assert not (tmp_path / "w" / "tiny").exists()  # the iterations did not run
+
+
+def test_leaderboard_with_a_corrupt_file_is_one_error_line(tmp_path, capsys):
+    import gzip
+
+    rows = [{"index": i, "instruction": f"Say {i}.", "output": f"{i}"} for i in range(5)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for folder, field, value in (("outputs", "output", "x"), ("preferences", "preference", 1.5)):
+        (tmp_path / folder).mkdir()
+        lines = "".join(json.dumps({"index": i, field: value}) + "\n" for i in range(5))
+        with gzip.open(tmp_path / folder / "m.jsonl.gz", "wt") as fh:
+            fh.write(lines if folder == "outputs" else lines[:-30] + "\n")
+    args = ["eval", "leaderboard", "--eval-set", tmp_path / "eval.jsonl", "--outputs", tmp_path / "outputs",
+            "--preferences", tmp_path / "preferences", "--out", tmp_path / "board.json"]
+    assert run_cli(*args) == 2
+    err = _one_error_line(capsys)
+    assert "m.jsonl.gz, row 5" in err and "invalid JSON at column" in err
+    (tmp_path / "preferences" / "m.jsonl.gz").write_bytes(b"not gzip")
+    assert run_cli(*args) == 2
+    assert "m.jsonl.gz: cannot be read" in _one_error_line(capsys)
+
+
+def test_promote_never_creates_a_database(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    assert run_cli("promote", "no-such-model", "--workdir", tmp_path) == 2  # MLFLOW_TRACKING_URI wins
+    assert "no registered model named 'no-such-model'" in _one_error_line(capsys)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert run_cli("promote", "no-such-model", "--tracking-uri", f"sqlite:///{missing}") == 2
+    assert str(missing) in _one_error_line(capsys)
+    assert not missing.parent.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_sigkill_of_spi_run_leaves_no_prefect_server(tmp_path):
+    """Without a configured API or a stack, `spi run` starts a temporary Prefect server as a child that
+    the kernel kills with it (PR_SET_PDEATHSIG): after kill -9 nothing listens on its port."""
+    import re
+    import socket
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SPI_HOME")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", XDG_STATE_HOME=str(tmp_path / "state"))
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "flows.commands", "run", str(TINY), "--workdir", str(tmp_path / "w")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    server = None
+    try:
+        for line in proc.stdout:  # the line printed once the server answers its health check
+            found = re.search(r"Prefect API http://127\.0\.0\.1:(\d+)/api \(temporary server, pid (\d+)", line)
+            if found:
+                port, server = int(found[1]), psutil.Process(int(found[2]))
+                break
+        assert server is not None, "spi run ended without starting a temporary Prefect server"
+        assert server.ppid() == proc.pid
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # listening
+        proc.kill()  # SIGKILL: no atexit hook, no finally
+        proc.wait()
+        gone, _ = psutil.wait_procs([server], timeout=10)
+        assert gone, "the temporary Prefect server outlived spi run"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server is not None and server.is_running():
+            server.kill()

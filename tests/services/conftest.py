@@ -10,9 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# `spi up` records its home under $XDG_STATE_HOME/spi (flows.stack.plan.pointer_path): never the user's.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="spi-test-state-")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

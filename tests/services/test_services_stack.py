@@ -161,6 +161,26 @@ def test_nightly_schedule_survives_restart_of_serving_process(stack):
         assert _crons(d) == _crons(before[name])
 
 
+def test_commands_find_the_stack_without_home(stack, tmp_path):
+    """`spi up` recorded its home: `spi status` finds it without --home, and `spi promote` looks the
+    model up on the stack's MLflow server, creating no local database."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SPI_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PYTHONPATH"] = os.pathsep.join([str(P.PROJECT_ROOT), env.get("PYTHONPATH", "")])
+
+    def spi(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=180)
+
+    status = spi("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert {r["name"]: r["url"] for r in json.loads(status.stdout)}["mlflow-server"] == stack.mlflow
+    promote = spi("promote", "no-such-model")
+    err = promote.stderr.strip().splitlines()
+    assert promote.returncode == 2 and len(err) == 1, promote.stderr
+    assert "no registered model named 'no-such-model'" in err[0] and stack.mlflow in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_down_stops_exactly_what_up_started(stack):
     """Last in this module: it takes the module's stack down."""
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

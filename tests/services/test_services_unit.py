@@ -172,10 +172,12 @@ def test_port_taken_is_a_clear_error(tmp_path, capsys):
 def test_down_and_status_with_nothing_started(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     commands.add_commands(parser.add_subparsers(dest="command"))
-    assert commands.cmd_status(parser.parse_args(["status", "--home", str(tmp_path)])) == 0
+    home = tmp_path / "never-used"
+    assert commands.cmd_status(parser.parse_args(["status", "--home", str(home)])) == 0
     assert "nothing started" in capsys.readouterr().out
-    assert commands.cmd_down(parser.parse_args(["down", "--home", str(tmp_path)])) == 0
+    assert commands.cmd_down(parser.parse_args(["down", "--home", str(home)])) == 0
     assert "nothing to stop" in capsys.readouterr().out
+    assert not home.exists()  # looking creates nothing
 
 
 def test_spi_cli_mounts_up_down_status():
