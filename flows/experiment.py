@@ -32,7 +32,8 @@ from prefect.artifacts import (
 
 from flows import records, sharded
 from flows.compare import Evaluation, evaluate_systems, finite, write_report
-from flows.context import RunContext, load_run_recipe
+from flows.context import RunContext, load_run_recipe, typed_run_name
+from flows.preflight import check_inputs
 from flows.stages import FlowStages
 from spi import loop
 from spi.config import digest_of
@@ -50,9 +51,9 @@ def _experiment_run_name() -> str:
     p = flow_run.parameters
     try:
         r = load_run_recipe(p["recipe"], p.get("overrides"))
-        return f"{r.name}-{r.digest[:8]}"
+        return typed_run_name(f"{r.name}-{r.digest[:8]}")
     except Exception:
-        return f"{Path(str(p.get('recipe', 'spi'))).stem}-invalid"
+        return typed_run_name(f"{Path(str(p.get('recipe', 'spi'))).stem}-invalid")
 
 
 def _round(v):
@@ -280,9 +281,11 @@ def spi_experiment(
 ) -> dict:
     """A whole SPI experiment: K iterations, baselines and spi-1..spi-K judged, tracked and compared.
 
-    recipe: built-in recipe name (smoke, paper) or a YAML path; overrides: nested dict merged over it
-    (e.g. {"search": {"width": 2}}); workdir: root for files, MLflow and the store (default
-    execution.workdir); allow_reward_judge: permit judging with the training reward model.
+    Args:
+        recipe: Built-in recipe name (smoke, paper) or the path of a recipe YAML file.
+        overrides: Nested recipe fields merged over the recipe, e.g. {"search": {"width": 2}}.
+        workdir: Root for stage files, MLflow and the store; default the recipe's execution.workdir.
+        allow_reward_judge: Permit judging with the reward model the experiment trained on (reported as such).
     """
     from mlflow_store import tracking
 
@@ -292,6 +295,7 @@ def spi_experiment(
         return sharded.with_runner(spi_experiment, r)(recipe, overrides, workdir, allow_reward_judge)
     ctx = RunContext(r, workdir)
     check_judge(ctx, allow_reward_judge)
+    check_inputs(r)  # every model resolves, every data file parses, before the first stage
     scoring = "the verifiers (ifeval)" if r.evaluation.task == "ifeval" else f"judge {r.evaluation.judge}"
     log.info("experiment %s (%s): %d iterations, baselines %s, scored by %s; files in %s", r.name, r.digest,
              r.iterations.count, ", ".join(r.baselines.names) or "none", scoring, ctx.dir)

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import records
 from flows.compare import finite, format_table, prepare_eval, system_row
-from flows.context import RunContext, load_run_recipe
+from flows.context import RunContext, load_run_recipe, resolve_tracking_uri, typed_run_name
 from flows.experiment import slug
 from flows.stages import FlowStages
 from spi.generate import decoding_recipe, policy_plan
@@ -28,8 +28,15 @@ def _evaluate_run_name() -> str:
 
     p = flow_run.parameters
     if p.get("outputs"):
-        return f"evaluate-{Path(str(p['outputs'])).stem}"
-    return f"evaluate-{p.get('registered_model') or Path(str(p.get('recipe', 'spi'))).stem + '-value'}-{p.get('alias')}"
+        return typed_run_name(f"evaluate-{Path(str(p['outputs'])).stem}")
+    model = p.get("registered_model") or Path(str(p.get("recipe", "spi"))).stem + "-value"
+    return typed_run_name(f"evaluate-{model}-{p.get('alias')}")
+
+
+def _promote_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return typed_run_name(f"promote-{flow_run.parameters.get('registered_model')}")
 
 
 @flow(name="evaluate-value-model", flow_run_name=_evaluate_run_name, persist_result=False)
@@ -46,7 +53,17 @@ def evaluate_value_model(
     e.g. spi-k with all of V_1..V_k and their betas, decoded exactly as its pyfunc model decodes: with
     the seed, policy, search and reward it recorded) or, with ``outputs``, an AlpacaEval-format file of
     outputs for the recipe's eval set. Logs a child run of the recipe's experiment and, for a
-    registered model, ``eval_*`` tags on the version. Returns the metrics."""
+    registered model, ``eval_*`` tags on the version. Returns the metrics.
+
+    Args:
+        recipe: Built-in recipe name or recipe YAML path: the eval set, judge and experiment to log to.
+        overrides: Nested recipe fields merged over the recipe, e.g. {"evaluation": {"judge": "length"}}.
+        workdir: Root for stage files (and MLflow when no server is configured); default execution.workdir.
+        registered_model: Registered model name; default the recipe's tracking.registered_model.
+        alias: Alias or version number of the registered model to score, e.g. champion.
+        outputs: An AlpacaEval-format file of outputs to score instead of a registered model.
+        allow_reward_judge: Permit judging with the reward model the experiment trained on.
+    """
     from mlflow_store import tracking
     from mlflow_store.registry import get_version, load_registered_value_model
 
@@ -59,6 +76,7 @@ def evaluate_value_model(
         decoded, label = _given_outputs(ctx, references, outputs)
         system, version = label, None
     else:
+        resolve_tracking_uri(r.tracking.tracking_uri, ctx.root, must_exist=True)  # a look-up creates no database
         mv = get_version(ctx.tracking_uri, name, alias)
         version = str(mv.version)
         folder = load_registered_value_model(name, version, ctx.tracking_uri, ctx.dir / "registry" / f"{name}-v{version}")
@@ -113,7 +131,16 @@ def fit_local_judge(
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
-    the copy the package ships for minilm-bt)."""
+    the copy the package ships for minilm-bt).
+
+    Args:
+        name: The judge's name, used as local:NAME.
+        data_dir: Folder of AlpacaEval data (eval set, outputs, preferences); default $SPI_ALPACA_DATA.
+        n_instructions: Instructions whose preferences train the judge; null for all.
+        backbone: Sentence-embedding model under the head (built-in alias, folder or hub id).
+        out: Folder to save the judge in; default $SPI_CACHE_DIR/judges/NAME.
+        refit: Train again even when the judge exists.
+    """
     import shutil
 
     from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
@@ -129,7 +156,7 @@ def fit_local_judge(
     return {"name": name, "folder": str(folder), "backbone": meta["backbone"], "meta": meta["meta"]}
 
 
-@flow(name="promote-value-model", flow_run_name="promote-{registered_model}", persist_result=False)
+@flow(name="promote-value-model", flow_run_name=_promote_run_name, persist_result=False)
 def promote_value_model(
     registered_model: str,
     tracking_uri: str | None = None,
@@ -138,11 +165,19 @@ def promote_value_model(
     use_stages: bool = False,
 ) -> dict:
     """Move ``champion`` to the ``candidate`` version iff the lower bound of the 95% paired bootstrap
-    interval of their win-rate difference (same instructions, same judge) exceeds ``margin`` points
-    (>= 0). tracking_uri default: the SQLite file of ``workdir``."""
+    interval of their win-rate difference (same instructions, same judge) exceeds ``margin`` points (>= 0).
+
+    Args:
+        registered_model: Registered model name, e.g. smoke-value.
+        tracking_uri: MLflow registry URI; default MLFLOW_TRACKING_URI, else the running stack's server,
+            else the SQLite file of workdir (which must exist).
+        workdir: Work directory whose mlflow.db holds the registry when no server is configured.
+        margin: Win-rate points (>= 0) the lower bound of the paired interval must exceed.
+        use_stages: Also mirror the deprecated registry stages (Staging, Production).
+    """
     from evaluation.metrics import check_margin
-    from mlflow_store.tracking import default_tracking_uri
+    from flows.context import resolve_tracking_uri
 
     margin = check_margin(margin)  # a clear error before anything is looked up
-    uri = tracking_uri or default_tracking_uri(workdir)
+    uri = resolve_tracking_uri(tracking_uri, workdir, must_exist=True)  # when it runs; never creates a database
     return records.promote_task(uri, registered_model, margin, use_stages)
