@@ -8,6 +8,10 @@ Built-in aliases work with no network:
   for fast tests (``-b`` has a different seed, e.g. as the untuned half of a weak-to-strong pair). Their
   weights are drawn wide (std 0.4) so that next-token distributions are peaked like a trained model's
   rather than uniform over 49k tokens.
+- ``tiny-char-llama``: a random-initialised two-layer Llama over 12 characters (8 letters, space,
+  comma, period, newline), so that what a constraint checks (a comma written) is one token whose state
+  a linear value head can see, and a comma is likely enough that most samples of 24 characters have one:
+  the central-claim test's small model. Its end-of-text row is zero, so responses rarely end early.
 - ``tiny-reward``: a random-initialised one-layer BERT sequence classifier with MiniLM's tokenizer.
 - ``random:<shape>[:<layers>]``: a Llama of a named shape (``RANDOM_SHAPES``, e.g. ``llama-3-8b``)
   initialised at random directly on the requested device and dtype, never saved (benchmarks and the GPU
@@ -103,6 +107,37 @@ def _build_tiny_llama(seed: int):
     return build
 
 
+CHAR_VOCAB = list("etaoin ,.\n")
+
+
+def _build_tiny_char_llama(out: Path) -> None:
+    """Characters outside CHAR_VOCAB (in prompts) read as <unk>; the chat template is plain text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + CHAR_VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}</s>{% endif %}")
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[vocab["</s>"]] = 0.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def _build_tiny_reward(out: Path) -> None:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -122,6 +157,7 @@ BUILTINS = {
     # The version suffix names the build recipe: a changed recipe builds into a new folder.
     "tiny-llama": lambda: _build_once("tiny-llama-v2", _build_tiny_llama(seed=0)),
     "tiny-llama-b": lambda: _build_once("tiny-llama-b-v2", _build_tiny_llama(seed=1)),
+    "tiny-char-llama": lambda: _build_once("tiny-char-llama-v1", _build_tiny_char_llama),
     "tiny-reward": lambda: _build_once("tiny-reward-v1", _build_tiny_reward),
 }
 
