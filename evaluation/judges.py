@@ -342,8 +342,10 @@ def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, embed_cache_dir=None):
 def _check_alpaca_eval(kwargs: dict) -> None:
     import importlib.util
 
-    if not os.environ.get("OPENAI_API_KEY"):
-        raise JudgeSpecError("the alpaca_eval judge needs OPENAI_API_KEY (or an OpenAI client config)")
+    config = kwargs.get("client_config_path") or os.environ.get("OPENAI_CLIENT_CONFIG_PATH")
+    if not os.environ.get("OPENAI_API_KEY") and not (config and Path(config).is_file()):
+        raise JudgeSpecError("the alpaca_eval judge needs OPENAI_API_KEY or an OpenAI client config "
+                             "(--judge-arg client_config_path=FILE, or OPENAI_CLIENT_CONFIG_PATH)")
     if importlib.util.find_spec("alpaca_eval") is None:
         raise JudgeSpecError("the alpaca_eval judge needs the alpaca-eval package")
 
@@ -354,23 +356,45 @@ def _check_alpaca_eval(kwargs: dict) -> None:
     parse=lambda arg, reward: {"annotators_config": arg} if arg else {},
     check=_check_alpaca_eval,
 )
-class AlpacaEvalAPIJudge:  # pragma: no cover - needs an API key and the network
-    """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval."""
+class AlpacaEvalAPIJudge:
+    """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval.
 
-    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None):
+    alpaca_eval's OpenAI decoder builds its clients from a YAML client config (``client_config_path``:
+    ``default: [{api_key: ..., base_url: ..., max_retries: ...}]``, see alpaca_eval's
+    client_configs/README.md), else from OPENAI_API_KEY(S) and OPENAI_API_BASE as read when alpaca_eval is
+    first imported. It retries a rate-limited request itself (after ``sleep_time`` seconds), and the
+    openai client retries 429/5xx answers up to the config's ``max_retries``. ``caching_path``: alpaca_eval's
+    own JSON cache of annotations (None: only the project's judgement cache). ``cost_usd`` adds up
+    alpaca_eval's price_per_example of the annotations requested by this judge (not those served from
+    alpaca_eval's cache); ``n_requested`` counts them.
+    """
+
+    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None,
+                 client_config_path=None, sleep_time: float | None = None, num_procs: int | None = None):
         from alpaca_eval.annotators import PairwiseAnnotator
 
         self.annotator = PairwiseAnnotator(annotators_config=annotators_config, caching_path=caching_path)
+        options = {"client_config_path": client_config_path, "sleep_time": sleep_time, "num_procs": num_procs}
+        self.decoding = {k: v for k, v in options.items() if v is not None}
         self.identity = f"alpaca_eval:{annotators_config}"
+        self.cost_usd, self.n_requested = 0.0, 0
 
     def judge(self, instructions, outputs, references):
+        import pandas as pd
+
         pairs = [
             {"instruction": i, "output_1": r, "output_2": o, "generator_1": "reference", "generator_2": "model"}
             for i, o, r in zip(instructions, outputs, references, strict=False)
         ]
-        annotated = self.annotator.annotate_pairs(pairs)
+        started = pd.Timestamp.now()
+        annotated = self.annotator.annotate_pairs(pairs, **self.decoding)
         prefs = []
         for a in annotated:
             p = a.get("preference")
             prefs.append(1.5 if p is None or (isinstance(p, float) and math.isnan(p)) or p == 0 else float(p))
+            date = pd.to_datetime(a.get("preference_date"), errors="coerce")
+            if pd.notna(date) and date >= started:  # annotated now, not read from alpaca_eval's cache
+                price = a.get("preference_price_per_example")
+                self.n_requested += 1
+                self.cost_usd += float(price) if price is not None and math.isfinite(float(price)) else 0.0
         return prefs
