@@ -16,10 +16,13 @@ built here at all. The built-in kinds:
     reward | reward:KIND:MODEL    a reward model as judge (``reward`` alone = the recipe's reward model,
                                   refused unless allowed: it would grade its own homework)
     llm | llm:MODEL               a local causal LM as pairwise judge
-    trained:FOLDER                a judge folder written by evaluation.trained_judge
-    local | local:NAME            a trained Bradley-Terry judge: NAME is a folder, or a judge saved under
-                                  $SPI_CACHE_DIR/judges/NAME (``minilm-bt`` is trained there on first use
-                                  when the AlpacaEval preference data is present; evaluation/judging.py)
+    trained:FOLDER                a judge folder written by evaluation.trained_judge or evaluation.cross_encoder
+    local | local:NAME            a trained judge: NAME is a folder, or a judge saved under
+                                  $SPI_CACHE_DIR/judges/NAME or shipped in evaluation/judges_data/NAME
+                                  (``minilm-bt``, a Bradley-Terry head on frozen MiniLM, is trained there
+                                  on first use when the AlpacaEval preference data is present;
+                                  ``minilm-ce``, the fine-tuned cross-encoder, by ``spi eval train-judge
+                                  --kind cross-encoder``; evaluation/judging.py)
     alpaca_eval | alpaca_eval:CONFIG   the official API annotators (needs OPENAI_API_KEY)
 """
 
@@ -306,9 +309,18 @@ def _folder_version(folder: Path) -> str:
     check=_check_trained,
 )
 def _trained_judge(path: str, **kwargs):
-    from .trained_judge import TrainedJudge
+    return _load_judge_folder(Path(path), **kwargs)
 
-    return TrainedJudge.load(path, **kwargs)
+
+def _load_judge_folder(folder: Path, embed_cache_dir=None, with_length=None, **kwargs):
+    """A saved judge folder: a fine-tuned cross-encoder (evaluation.cross_encoder) or a Bradley-Terry head
+    on frozen embeddings (evaluation.trained_judge)."""
+    from .cross_encoder import CrossEncoderJudge, is_cross_encoder_folder
+    from .trained_judge import TrainedJudge, default_embed_cache
+
+    if is_cross_encoder_folder(folder):
+        return CrossEncoderJudge.load(folder, with_length=with_length, **kwargs)
+    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache(), **kwargs)
 
 
 def _local_folder(name: str) -> Path:
@@ -330,13 +342,11 @@ def _check_local(kwargs: dict) -> None:
     fingerprint=lambda arg, reward: _folder_version(_local_folder(arg or DEFAULT_LOCAL_JUDGE)),
     check=_check_local,
 )
-def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, embed_cache_dir=None):
+def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, **kwargs):
     """The local judge ``name``, trained first when absent (:func:`evaluation.judging.ensure_local_judge`)."""
     from .judging import ensure_local_judge
-    from .trained_judge import TrainedJudge, default_embed_cache
 
-    folder = ensure_local_judge(name)
-    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache())
+    return _load_judge_folder(ensure_local_judge(name), **kwargs)
 
 
 def _check_alpaca_eval(kwargs: dict) -> None:
