@@ -4,7 +4,8 @@
 default when omitted) judges every (model, instruction) pair of the given folders against the
 reference; its predicted P(model better) is compared with GPT-4-turbo's preference (JUDGES.md):
 AUC on decisive pairs, balanced accuracy, pair Spearman, model-rank Spearman and per-model win-rate
-error (points), each with a percentile bootstrap interval over instructions. Beside it: the length-only
+error (points), each with a percentile bootstrap interval over instructions, and the paired interval
+of its difference from each other judge (the same resamples). Beside it: the length-only
 Bradley-Terry model (one weight, fitted on the evaluated pairs themselves: an optimistic baseline) and
 the recipes' current default judge. The held-out group of judge-agreement's split (``--held-out``)
 measures a judge trained with ``train-judge --train-split`` on models and instructions it never saw.
@@ -54,10 +55,20 @@ def measure(models: Sequence[str], instructions: Sequence[int], predicted: Seque
         rows = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
         for key, value in _metrics(models[rows], predicted[rows], preferences[rows]).items():
             draws[key].append(value)
-    result["intervals"] = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
-                           for k, v in draws.items()}
+    result["intervals"] = {k: _interval(v) for k, v in draws.items()}
     result.update(n_pairs=len(predicted), n_models=len(names), n_instructions=len(groups))
+    result["draws"] = draws  # the same resamples for every judge measured with the same seed and rows
     return result
+
+
+def _interval(values) -> list[float]:
+    return [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
+
+
+def paired_differences(first: dict, other: dict) -> dict[str, list[float]]:
+    """95% intervals of (first - other) for each metric, over the same bootstrap resamples of instructions:
+    an interval that excludes 0 says the difference is not resampling noise."""
+    return {k: _interval(np.asarray(first["draws"][k]) - np.asarray(other["draws"][k])) for k in METRICS}
 
 
 def evaluate_judges(specs: Sequence[str], eval_set, outputs_dir, preferences_dir, *, models=None, indices=None,
@@ -86,6 +97,11 @@ def evaluate_judges(specs: Sequence[str], eval_set, outputs_dir, preferences_dir
     result["length_only"] = {"identity": length_only.identity, "fitted_on_evaluated_pairs": True,
                              **measure(names, idx, length_only.probability(instructions, outputs, references),
                                        prefs, n_boot=n_boot, seed=seed)}
+    first = result["judges"][specs[0]]
+    for name, other in [*list(result["judges"].items())[1:], ("length_only", result["length_only"])]:
+        first.setdefault("difference_vs", {})[name] = paired_differences(first, other)
+    for measured in [*result["judges"].values(), result["length_only"]]:
+        measured.pop("draws")
     return result
 
 
@@ -98,6 +114,8 @@ def format_judges(result: dict) -> str:
         cells = "".join(f"{m[k]:>9.3f} [{m['intervals'][k][0]:6.3f},{m['intervals'][k][1]:7.3f}]" for k in METRICS)
         lines.append(f"{name:<{width}}{cells}")
     first = rows[0][1]
+    for name, diff in first.get("difference_vs", {}).items():
+        lines.append(f"{rows[0][0]} - {name}: " + ", ".join(f"{k} [{lo:+.3f}, {hi:+.3f}]" for k, (lo, hi) in diff.items()))
     lines.append(f"{first['n_models']} models x {first['n_instructions']} instructions ({first['n_pairs']} pairs); "
                  "intervals: 95% bootstrap over instructions")
     return "\n".join(lines)

@@ -324,7 +324,7 @@ class CrossEncoderJudge:
         content = self.content_scores(list(instructions) * 2, list(outputs) + list(references))
         logit = content[:n] - content[n:]
         if self.config.with_length:
-            logit = logit + float(self.model.length) * (_loglen(outputs) - _loglen(references))
+            logit = logit + float(self.model.length.detach()) * (_loglen(outputs) - _loglen(references))
         return np.exp(-np.logaddexp(0.0, -logit))
 
     def judge(self, instructions, outputs, references) -> list[float]:

@@ -54,6 +54,9 @@ def test_judge_agreement_of_a_given_judge_writes_the_top_level_metrics(tmp_path,
     assert result["n_models"] == 36 and result["n_instructions"] == 40 and result["held_out"] is False
     # the length judge and the length-only model order pairs by the same log length ratio: the same AUC
     assert result["auc"] == pytest.approx(result["baselines"]["length_only"]["auc"])
+    assert result["difference_vs"]["length_only"]["auc"] == pytest.approx([0.0, 0.0], abs=1e-12)  # paired resamples
+    low, high = result["difference_vs"]["length_only"]["win_rate_mae"]  # unscaled sigmoid vs fitted: worse win rates
+    assert 0 < low <= high
     assert 0.6 < result["auc"] < 1.0
 
 
