@@ -316,11 +316,11 @@ def _load_judge_folder(folder: Path, embed_cache_dir=None, with_length=None, **k
     """A saved judge folder: a fine-tuned cross-encoder (evaluation.cross_encoder) or a Bradley-Terry head
     on frozen embeddings (evaluation.trained_judge)."""
     from .cross_encoder import CrossEncoderJudge, is_cross_encoder_folder
-    from .trained_judge import TrainedJudge, default_embed_cache
+    from .trained_judge import TrainedJudge
 
     if is_cross_encoder_folder(folder):
         return CrossEncoderJudge.load(folder, with_length=with_length, **kwargs)
-    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache(), **kwargs)
+    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir, **kwargs)
 
 
 def _local_folder(name: str) -> Path:
@@ -345,7 +345,9 @@ def _check_local(kwargs: dict) -> None:
 def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, **kwargs):
     """The local judge ``name``, trained first when absent (:func:`evaluation.judging.ensure_local_judge`)."""
     from .judging import ensure_local_judge
+    from .trained_judge import default_embed_cache
 
+    kwargs["embed_cache_dir"] = kwargs.get("embed_cache_dir") or default_embed_cache()
     return _load_judge_folder(ensure_local_judge(name), **kwargs)
 
 
