@@ -232,7 +232,7 @@ def train_cross_encoder(eval_set, outputs_dir, preferences_dir, out_dir, *, conf
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", length=f"{float(model.length):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", length=f"{float(model.length.detach()):.3f}")
         done = step + 1
         out_of_time = max_minutes is not None and time.monotonic() - began > 60 * max_minutes
         if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
