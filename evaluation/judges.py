@@ -17,13 +17,10 @@ built here at all. The built-in kinds:
                                   refused unless allowed: it would grade its own homework)
     llm | llm:MODEL               a local causal LM as pairwise judge
     trained:FOLDER                a judge folder written by evaluation.trained_judge or evaluation.cross_encoder
-    local | local:NAME            a trained judge: NAME is a folder, or a judge saved under
-                                  $SPI_CACHE_DIR/judges/NAME or shipped in evaluation/judges_data/NAME
-                                  (``minilm-bt``, a Bradley-Terry head on frozen MiniLM, is trained there
-                                  on first use when the AlpacaEval preference data is present;
-                                  ``minilm-ce``, the fine-tuned cross-encoder, by ``spi eval train-judge
-                                  --kind cross-encoder``; evaluation/judging.py)
-    alpaca_eval | alpaca_eval:CONFIG   the official API annotators (needs OPENAI_API_KEY)
+    local | local:NAME            a trained judge folder: NAME, $SPI_CACHE_DIR/judges/NAME or the package's
+                                  judges_data/NAME (``minilm-bt`` is trained on first use from the AlpacaEval
+                                  data; ``minilm-ce`` by ``spi eval train-judge --kind cross-encoder``)
+    alpaca_eval | alpaca_eval:CONFIG   the official API annotators (OPENAI_API_KEY or a client config)
 """
 
 from __future__ import annotations
@@ -371,14 +368,10 @@ def _check_alpaca_eval(kwargs: dict) -> None:
 class AlpacaEvalAPIJudge:
     """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval.
 
-    alpaca_eval's OpenAI decoder builds its clients from a YAML client config (``client_config_path``:
-    ``default: [{api_key: ..., base_url: ..., max_retries: ...}]``, see alpaca_eval's
-    client_configs/README.md), else from OPENAI_API_KEY(S) and OPENAI_API_BASE as read when alpaca_eval is
-    first imported. It retries a rate-limited request itself (after ``sleep_time`` seconds), and the
-    openai client retries 429/5xx answers up to the config's ``max_retries``. ``caching_path``: alpaca_eval's
-    own JSON cache of annotations (None: only the project's judgement cache). ``cost_usd`` adds up
-    alpaca_eval's price_per_example of the annotations requested by this judge (not those served from
-    alpaca_eval's cache); ``n_requested`` counts them.
+    Clients come from alpaca_eval's YAML client config (``client_config_path``: ``default: [{api_key,
+    base_url, max_retries}]``), else from OPENAI_API_KEY(S)/OPENAI_API_BASE as read when alpaca_eval is first
+    imported. ``caching_path``: alpaca_eval's own annotation cache (None: only the project's). ``cost_usd``:
+    alpaca_eval's price of the annotations this judge requested (not those from a cache), ``n_requested``.
     """
 
     def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None,
