@@ -68,3 +68,13 @@ def test_a_changed_setting_refuses_the_old_checkpoint_and_a_changed_judge_change
     with pytest.raises(ValueError, match="checkpoint has config"):
         train_cross_encoder(eval_set, DATA / "outputs", DATA / "preferences", tmp_path / "j",
                             config=dataclasses.replace(TINY, steps=6), models=MODELS, indices=INDICES, progress=False)
+
+
+def test_an_untrained_cross_encoder_is_never_trained_on_first_use(tmp_path, monkeypatch):
+    from evaluation.judges import JudgeSpecError, check_judge_available
+
+    monkeypatch.setenv("SPI_CACHE_DIR", str(tmp_path))
+    with pytest.raises(JudgeSpecError, match="train-judge --kind cross-encoder"):
+        check_judge_available("local:minilm-ce")
+    with pytest.raises(JudgeSpecError, match="train-judge --kind cross-encoder"):
+        resolve_judge("local:minilm-ce")
