@@ -2,7 +2,9 @@
 
     spi eval leaderboard --eval-set FILE --outputs DIR --preferences DIR --out FILE.json
     spi eval train-judge --eval-set FILE --outputs DIR --preferences DIR --out DIR [--backbone minilm-l6]
+    spi eval train-judge ... --kind cross-encoder --train-split --out DIR
     spi eval judge-agreement --eval-set FILE --outputs DIR --preferences DIR [--backbone minilm-l6]
+    spi eval judge-agreement --judge [NAME] --eval-set FILE --outputs DIR --preferences DIR [--held-out] --json F
     spi eval judge --eval-set FILE --outputs FILE --judge SPEC [--judge-arg k=v] --out FILE.json
     spi eval ifeval --prompts FILE --responses FILE --out FILE.json
 
@@ -44,16 +46,41 @@ def add_eval_commands(subparsers) -> None:
     _subset_args(p)
     p.set_defaults(func=cmd_leaderboard)
 
-    p = subparsers.add_parser("train-judge", help="train the Bradley-Terry judge on preference files")
+    p = subparsers.add_parser("train-judge", help="train a judge on preference files")
     _common(p)
     p.add_argument("--out", required=True, help="folder for the judge (head + checksum)")
+    p.add_argument("--kind", choices=("bradley-terry", "cross-encoder"), default="bradley-terry",
+                   help="bradley-terry: a head on frozen embeddings (minutes); cross-encoder: the encoder "
+                        "fine-tuned end to end (about an hour on 2 cores; resumable, see --max-minutes)")
     p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="default 128 (bradley-terry), 256 (cross-encoder)")
+    p.add_argument("--train-split", action="store_true",
+                   help="train only on the training group of judge-agreement's split (--test-fraction, --seed), "
+                        "so that judge-agreement --held-out measures it on models and instructions it never saw")
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="cross-encoder: optimisation steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="cross-encoder: steps between checkpoints")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="cross-encoder: stop at a checkpoint after this long (run again to resume)")
     _subset_args(p)
     p.set_defaults(func=cmd_train_judge)
 
-    p = subparsers.add_parser("judge-agreement", help="agreement with the preferences on held-out models+instructions")
+    p = subparsers.add_parser(
+        "judge-agreement", help="agreement with the preferences: of a trained judge (--judge), or of a judge "
+                                "trained here on some models+instructions and tested on the others")
     _common(p)
+    p.add_argument("--judge", nargs="?", const="", default=None, metavar="NAME",
+                   help="evaluate this already-trained judge spec (alone: the recipes' default judge) on all "
+                        "given models and instructions, beside length-only and the recipes' default judge; "
+                        "without --judge: train a Bradley-Terry judge (--backbone) on a split and test it")
+    p.add_argument("--judge-arg", action="append", default=[], help="k=v keyword argument of --judge's factory")
+    p.add_argument("--held-out", action="store_true",
+                   help="with --judge: only the held-out models x instructions of the split (--test-fraction, "
+                        "--seed), for a judge trained with train-judge --train-split")
+    p.add_argument("--no-current", action="store_true", help="with --judge: skip the recipes' default judge")
+    p.add_argument("--n-boot", type=int, default=200, help="with --judge: bootstrap resamples for the intervals")
+    p.add_argument("--cache", default=None, help="with --judge: SQLite judgement cache (default: none)")
     p.add_argument("--backbone", default="minilm-l6")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--test-fraction", type=float, default=0.3)
@@ -108,13 +135,39 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def _split_groups(args, eval_set, indices):
+    """(models, indices) to use: all, or the training / held-out group of judge-agreement's split."""
+    from .trained_judge import collect_pairs, split_models_and_instructions
+
+    which = "train" if getattr(args, "train_split", False) else "test" if getattr(args, "held_out", False) else None
+    if which is None:
+        return None, indices
+    pairs = collect_pairs(eval_set, args.outputs, args.preferences, indices=indices)
+    train_m, test_m, train_i, test_i = split_models_and_instructions(
+        sorted({m for m, *_ in pairs}), sorted({i for _, i, _, _ in pairs}), test_fraction=args.test_fraction,
+        seed=args.seed)
+    return (train_m, train_i) if which == "train" else (test_m, test_i)
+
+
 def cmd_train_judge(args) -> int:
+    import dataclasses
+
+    from .cross_encoder import CrossEncoderConfig, train_cross_encoder
     from .trained_judge import default_embed_cache, train_judge
 
     eval_set, indices = _load_eval(args)
-    judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=args.backbone,
-                        indices=indices, max_tokens=args.max_tokens,
-                        embed_cache_dir=default_embed_cache())
+    models, indices = _split_groups(args, eval_set, indices)
+    if args.kind == "cross-encoder":
+        given = {"backbone": args.backbone, "max_tokens": args.max_tokens, "steps": args.steps,
+                 "checkpoint_every": args.checkpoint_every}
+        config = dataclasses.replace(CrossEncoderConfig(), **{k: v for k, v in given.items() if v is not None})
+        done = train_cross_encoder(eval_set, args.outputs, args.preferences, args.out, config=config, models=models,
+                                   indices=indices, max_minutes=args.max_minutes)
+        print(f"saved the cross-encoder judge to {done}" if done else
+              f"stopped after {args.max_minutes} minutes at a checkpoint; run the same command again to resume")
+        return 0
+    judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=args.backbone, models=models,
+                        indices=indices, max_tokens=args.max_tokens or 128, embed_cache_dir=default_embed_cache())
     print(f"saved {judge.identity} to {args.out} (C={judge.meta['C']}, {judge.meta['n_pairs']} pairs)")
     return 0
 
@@ -122,6 +175,8 @@ def cmd_train_judge(args) -> int:
 def cmd_judge_agreement(args) -> int:
     from .trained_judge import default_embed_cache, format_agreement, judge_agreement
 
+    if args.judge is not None:
+        return _agreement_of_trained_judge(args)
     eval_set, indices = _load_eval(args)
     result = judge_agreement(eval_set, args.outputs, args.preferences, backbone=args.backbone,
                              indices=indices, test_fraction=args.test_fraction,
@@ -129,6 +184,31 @@ def cmd_judge_agreement(args) -> int:
     print(format_agreement(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _agreement_of_trained_judge(args) -> int:
+    from .agreement import default_judge_spec, evaluate_judges, format_judges
+    from .judges import JudgeSpecError
+    from .judging import JudgementCache
+
+    eval_set, indices = _load_eval(args)
+    models, indices = _split_groups(args, eval_set, indices)
+    spec, current = args.judge or default_judge_spec(), default_judge_spec()
+    specs = [spec] if args.no_current or current == spec else [spec, current]
+    try:
+        result = evaluate_judges(specs, eval_set, args.outputs, args.preferences, models=models, indices=indices,
+                                 cache=JudgementCache(args.cache) if args.cache else None, n_boot=args.n_boot,
+                                 seed=args.seed, judge_kwargs=_parse_kwargs(args.judge_arg))
+    except JudgeSpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_judges(result))
+    if args.json:
+        ours = result["judges"][spec]
+        baselines = {"length_only": result["length_only"], **{k: v for k, v in result["judges"].items() if k != spec}}
+        payload = {"judge": spec, **ours, "held_out": bool(args.held_out), "baselines": baselines}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 
 

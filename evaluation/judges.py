@@ -16,11 +16,11 @@ built here at all. The built-in kinds:
     reward | reward:KIND:MODEL    a reward model as judge (``reward`` alone = the recipe's reward model,
                                   refused unless allowed: it would grade its own homework)
     llm | llm:MODEL               a local causal LM as pairwise judge
-    trained:FOLDER                a judge folder written by evaluation.trained_judge
-    local | local:NAME            a trained Bradley-Terry judge: NAME is a folder, or a judge saved under
-                                  $SPI_CACHE_DIR/judges/NAME (``minilm-bt`` is trained there on first use
-                                  when the AlpacaEval preference data is present; evaluation/judging.py)
-    alpaca_eval | alpaca_eval:CONFIG   the official API annotators (needs OPENAI_API_KEY)
+    trained:FOLDER                a judge folder written by evaluation.trained_judge or evaluation.cross_encoder
+    local | local:NAME            a trained judge folder: NAME, $SPI_CACHE_DIR/judges/NAME or the package's
+                                  judges_data/NAME (``minilm-bt`` is trained on first use from the AlpacaEval
+                                  data; ``minilm-ce`` by ``spi eval train-judge --kind cross-encoder``)
+    alpaca_eval | alpaca_eval:CONFIG   the official API annotators (OPENAI_API_KEY or a client config)
 """
 
 from __future__ import annotations
@@ -306,9 +306,18 @@ def _folder_version(folder: Path) -> str:
     check=_check_trained,
 )
 def _trained_judge(path: str, **kwargs):
+    return _load_judge_folder(Path(path), **kwargs)
+
+
+def _load_judge_folder(folder: Path, embed_cache_dir=None, with_length=None, **kwargs):
+    """A saved judge folder: a fine-tuned cross-encoder (evaluation.cross_encoder) or a Bradley-Terry head
+    on frozen embeddings (evaluation.trained_judge)."""
+    from .cross_encoder import CrossEncoderJudge, is_cross_encoder_folder
     from .trained_judge import TrainedJudge
 
-    return TrainedJudge.load(path, **kwargs)
+    if is_cross_encoder_folder(folder):
+        return CrossEncoderJudge.load(folder, with_length=with_length, **kwargs)
+    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir, **kwargs)
 
 
 def _local_folder(name: str) -> Path:
@@ -330,20 +339,22 @@ def _check_local(kwargs: dict) -> None:
     fingerprint=lambda arg, reward: _folder_version(_local_folder(arg or DEFAULT_LOCAL_JUDGE)),
     check=_check_local,
 )
-def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, embed_cache_dir=None):
+def _local_judge(name: str = DEFAULT_LOCAL_JUDGE, **kwargs):
     """The local judge ``name``, trained first when absent (:func:`evaluation.judging.ensure_local_judge`)."""
     from .judging import ensure_local_judge
-    from .trained_judge import TrainedJudge, default_embed_cache
+    from .trained_judge import default_embed_cache
 
-    folder = ensure_local_judge(name)
-    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir or default_embed_cache())
+    kwargs["embed_cache_dir"] = kwargs.get("embed_cache_dir") or default_embed_cache()
+    return _load_judge_folder(ensure_local_judge(name), **kwargs)
 
 
 def _check_alpaca_eval(kwargs: dict) -> None:
     import importlib.util
 
-    if not os.environ.get("OPENAI_API_KEY"):
-        raise JudgeSpecError("the alpaca_eval judge needs OPENAI_API_KEY (or an OpenAI client config)")
+    config = kwargs.get("client_config_path") or os.environ.get("OPENAI_CLIENT_CONFIG_PATH")
+    if not os.environ.get("OPENAI_API_KEY") and not (config and Path(config).is_file()):
+        raise JudgeSpecError("the alpaca_eval judge needs OPENAI_API_KEY or an OpenAI client config "
+                             "(--judge-arg client_config_path=FILE, or OPENAI_CLIENT_CONFIG_PATH)")
     if importlib.util.find_spec("alpaca_eval") is None:
         raise JudgeSpecError("the alpaca_eval judge needs the alpaca-eval package")
 
@@ -354,23 +365,41 @@ def _check_alpaca_eval(kwargs: dict) -> None:
     parse=lambda arg, reward: {"annotators_config": arg} if arg else {},
     check=_check_alpaca_eval,
 )
-class AlpacaEvalAPIJudge:  # pragma: no cover - needs an API key and the network
-    """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval."""
+class AlpacaEvalAPIJudge:
+    """Official AlpacaEval annotators (default weighted_alpaca_eval_gpt4_turbo) through alpaca_eval.
 
-    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None):
+    Clients come from alpaca_eval's YAML client config (``client_config_path``: ``default: [{api_key,
+    base_url, max_retries}]``), else from OPENAI_API_KEY(S)/OPENAI_API_BASE as read when alpaca_eval is first
+    imported. ``caching_path``: alpaca_eval's own annotation cache (None: only the project's). ``cost_usd``:
+    alpaca_eval's price of the annotations this judge requested (not those from a cache), ``n_requested``.
+    """
+
+    def __init__(self, annotators_config: str = "weighted_alpaca_eval_gpt4_turbo", caching_path=None,
+                 client_config_path=None, sleep_time: float | None = None, num_procs: int | None = None):
         from alpaca_eval.annotators import PairwiseAnnotator
 
         self.annotator = PairwiseAnnotator(annotators_config=annotators_config, caching_path=caching_path)
+        options = {"client_config_path": client_config_path, "sleep_time": sleep_time, "num_procs": num_procs}
+        self.decoding = {k: v for k, v in options.items() if v is not None}
         self.identity = f"alpaca_eval:{annotators_config}"
+        self.cost_usd, self.n_requested = 0.0, 0
 
     def judge(self, instructions, outputs, references):
+        import pandas as pd
+
         pairs = [
             {"instruction": i, "output_1": r, "output_2": o, "generator_1": "reference", "generator_2": "model"}
             for i, o, r in zip(instructions, outputs, references, strict=False)
         ]
-        annotated = self.annotator.annotate_pairs(pairs)
+        started = pd.Timestamp.now()
+        annotated = self.annotator.annotate_pairs(pairs, **self.decoding)
         prefs = []
         for a in annotated:
             p = a.get("preference")
             prefs.append(1.5 if p is None or (isinstance(p, float) and math.isnan(p)) or p == 0 else float(p))
+            date = pd.to_datetime(a.get("preference_date"), errors="coerce")
+            if pd.notna(date) and date >= started:  # annotated now, not read from alpaca_eval's cache
+                price = a.get("preference_price_per_example")
+                self.n_requested += 1
+                self.cost_usd += float(price) if price is not None and math.isfinite(float(price)) else 0.0
         return prefs

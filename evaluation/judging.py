@@ -24,6 +24,7 @@ log = logging.getLogger("evaluation.judging")
 LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained judge sees
 EMBEDDED_JUDGES = Path(__file__).resolve().parent / "judges_data"  # package data: trained heads
 HEAD_FILE = "judge_head.json"
+CROSS_ENCODER_JUDGES = {"minilm-ce"}  # local names of fine-tuned cross-encoders: never trained on first use
 
 
 class JudgementCache:
@@ -180,8 +181,15 @@ def local_judge_data(name: str, folder: Path, data_dir: str | os.PathLike | None
 def check_local_judge(name: str) -> None:
     """Fail, loading nothing, when local judge ``name`` is neither trained nor trainable here."""
     folder = local_judge_folder(name)
-    if not (folder / HEAD_FILE).is_file():
-        local_judge_data(name, folder)
+    if (folder / HEAD_FILE).is_file():
+        return
+    if name in CROSS_ENCODER_JUDGES:
+        raise JudgeSpecError(
+            f"judge 'local:{name}' is not trained ({folder} has no judge_head.json); fine-tuning it takes about "
+            f"an hour: spi eval train-judge --kind cross-encoder --eval-set ... --outputs ... --preferences ... "
+            f"--out {folder}"
+        )
+    local_judge_data(name, folder)
 
 
 def ensure_local_judge(
@@ -195,6 +203,8 @@ def ensure_local_judge(
     folder = Path(out) if out else local_judge_folder(name)
     if (folder / HEAD_FILE).is_file():
         return folder
+    if name in CROSS_ENCODER_JUDGES:
+        check_local_judge(name)  # says how to train it: a cross-encoder is not trained on first use
     data = local_judge_data(name, folder, data_dir)
     from evaluation.data import load_eval_set, subset
     from evaluation.trained_judge import default_embed_cache, train_judge
