@@ -248,7 +248,8 @@ def cmd_judge(args) -> int:
     rows = [e for e in eval_set if e["index"] in outputs]
     missing = [e["index"] for e in rows if not e["reference_output"]]
     if missing:
-        raise SystemExit(f"no reference output for instructions {missing[:5]}...: pass --references")
+        raise ValueError(f"--eval-set {args.eval_set}: no reference output for instructions {missing[:5]}: "
+                         "pass --references")
     prefs = judge_pairs(judge, [e["instruction"] for e in rows], [outputs[e["index"]]["output"] for e in rows],
                         [e["reference_output"] for e in rows], cache=JudgementCache(cache_path))
     if args.out:
@@ -271,15 +272,10 @@ def add_ifeval_command(subparsers) -> None:
 
 
 def cmd_ifeval(args) -> int:
-    from spi.verifiers import ConstraintError
-
     from .ifeval import METRICS, score_files
 
-    try:
-        result = score_files(args.prompts, args.responses, n_boot=args.n_boot, seed=args.seed,
-                             offline_only=args.offline_only)
-    except (ConstraintError, FileNotFoundError) as error:
-        raise SystemExit(f"spi eval ifeval: {error}") from None
+    result = score_files(args.prompts, args.responses, n_boot=args.n_boot, seed=args.seed,
+                         offline_only=args.offline_only)  # bad input: ValueError/OSError naming file and row
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(", ".join(f"{m} {result[m]:.2f}" for m in METRICS) + f" over {result['n_prompts']} prompts")
     return 0
@@ -295,7 +291,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spi eval", description=__doc__.splitlines()[0])
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # bad input (files, rows, constraints, specs): one line, as `spi` prints
+        print("error: " + (" ".join(str(err).split()) or type(err).__name__), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

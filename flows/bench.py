@@ -78,12 +78,12 @@ def run_flow_bench(recipe: str, threads: int = 1, workdir: str | None = None, lo
     then ``repeats`` rounds run both arms, the order alternating; medians are reported. The Prefect API
     is reached and MLflow loaded before the timing, as in a long-lived process with ``spi up``'s API;
     without a running API, Prefect starts a temporary one once per process: reported apart."""
-    import os
     import statistics
     import tempfile
     import time
 
     import torch
+    from prefect.settings import PREFECT_API_URL
 
     torch.set_num_threads(threads)
     from flows.experiment import run_plain, spi_experiment
@@ -97,8 +97,7 @@ def run_flow_bench(recipe: str, threads: int = 1, workdir: str | None = None, lo
                  "machine": machine(threads, r.policy.dtype),
                  "repeats": repeats, "burn_in": burn_in, "workdir": str(root)}
 
-    log("warm-up: Prefect API " + (os.environ.get("PREFECT_API_URL") or "(a temporary server, started now)")
-        + " and MLflow ...")
+    log(f"warm-up: Prefect API {PREFECT_API_URL.value() or '(a temporary server, started now)'} and MLflow ...")
     start = time.perf_counter()
     _warm_up(root / "warm-up")
     out["warm_up_seconds"] = time.perf_counter() - start
@@ -187,10 +186,14 @@ def format_flow_table(result: dict) -> str:
 
 
 def cmd_flow(args) -> int:
-    format_table = format_flow_table
-    result = run_flow_bench(args.recipe, threads=args.threads, workdir=args.workdir, log=_log,
-                            overrides=_overrides(args.set), repeats=args.repeats, burn_in=args.burn_in)
-    print(format_table(result))
+    """The flow arm reports to the Prefect API `spi run` would use (flows.stack.temporary.prefect_api):
+    the configured one, else the running stack's, else a temporary server that dies with this command."""
+    from flows.stack.temporary import prefect_api
+
+    with prefect_api(_log):
+        result = run_flow_bench(args.recipe, threads=args.threads, workdir=args.workdir, log=_log,
+                                overrides=_overrides(args.set), repeats=args.repeats, burn_in=args.burn_in)
+    print(format_flow_table(result))
     _write(result, args.out)
     return 0
 

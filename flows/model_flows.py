@@ -17,10 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from flows import records
 from flows.compare import finite, format_table, prepare_eval, system_row
 from flows.context import RunContext, load_run_recipe, resolve_tracking_uri, typed_run_name
-from flows.experiment import slug
+from flows.experiment import run_params, slug, stage_times
 from flows.stages import FlowStages
 from spi.generate import decoding_recipe, policy_plan
 from spi.stagefiles import output_digest, write_json
+from spi.systems import system_params
 
 
 def _evaluate_run_name() -> str:
@@ -75,6 +76,7 @@ def evaluate_value_model(
     if outputs:
         decoded, label = _given_outputs(ctx, references, outputs)
         system, version = label, None
+        params = {"system": label, "outputs": str(outputs), "outputs.digest": decoded["digest"]}
     else:
         resolve_tracking_uri(r.tracking.tracking_uri, ctx.root, must_exist=True)  # a look-up creates no database
         mv = get_version(ctx.tracking_uri, name, alias)
@@ -85,14 +87,18 @@ def evaluate_value_model(
         system = plan.system
         decoded = champion.decode(system, [str(d) for d in plan.value_dirs], eval_set)
         label = f"{alias}-v{version}"
+        values = [(Path(d).name, output_digest(d)) for d in plan.value_dirs]
+        params = {**system_params(system, plan.recipe, values), "registered_model": name, "version": version}
     judgement = stages.judge(label, references, decoded, allow_reward_judge)
     row = system_row(label, None, decoded, judgement)
     run_id = tracking.find_experiment_run(ctx.tracking_uri, ctx.experiment, r.digest) or tracking.start_experiment_run(
-        ctx.tracking_uri, ctx.experiment, ctx.data, r.digest, tracking.code_version())
+        ctx.tracking_uri, ctx.experiment, run_params(ctx), r.digest, tracking.code_version())
     metrics = {k: v for k, v in row.items() if k not in ("system", "iteration") and finite(v) is not None}
+    started, ended = stage_times([decoded, judgement])  # when the decode and the judge ran (or were cached)
     records.track_child_task(ctx.tracking_uri, run_id, f"evaluate-{label}", 0, metrics,
                              {"generations": decoded["path"], "judge_annotations": judgement["path"]},
-                             {"spi.judge": judgement["judge"], "spi.registered_model": name})
+                             {"spi.judge": judgement["judge"], "spi.registered_model": name}, params,
+                             row.get("not_available"), started, ended)
     if version is not None:
         client = tracking.client_for(ctx.tracking_uri)
         for key in ("win_rate", "length_controlled_winrate", "mean_reward"):

@@ -1,6 +1,7 @@
 """Prefect tasks that record a run: rows in the SQL store, MLflow child runs, the model registry.
 
-Retries here (tracking and store I/O can fail for a moment); none on the compute stages (flows.tasks).
+Retries here (tracking and store I/O can fail for a moment), of transient errors only: bad input fails
+once, with its clear error. None on the compute stages (flows.tasks).
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ from flows.tasks import run_logger
 from spi.config import digest_of
 from spi.stagefiles import output_digest, read_jsonl
 
-IO_RETRIES = dict(retries=2, retry_delay_seconds=2)
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry what may pass next time (a server or database away for a moment),
+    never bad input: a missing model, version or alias (RegistryError, a LookupError), a bad value
+    (ValueError), or what MLflow rejects as such."""
+    from mlflow.exceptions import MlflowException
+
+    err = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(err, (LookupError, ValueError, TypeError)):
+        return False
+    if isinstance(err, MlflowException):
+        return err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS")
+    return True
+
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 
 
 # --------------------------------------------------------------------------- store (SQL) rows
@@ -178,8 +194,8 @@ def register_task(tracking_uri: str, name: str, run_id: str, folder: str, metric
 def promote_task(tracking_uri: str, name: str, margin: float, use_stages: bool = False) -> dict:
     """Move alias ``champion`` to ``candidate`` iff the lower bound of the paired bootstrap interval of
     their win-rate difference on the same instructions exceeds ``margin`` (>= 0; evaluation.metrics.
-    promotion_gate). The decision, the interval and the instructions are tags on the version. Callers
-    check the margin first (evaluation.metrics.check_margin), so a bad one fails once, unretried."""
+    promotion_gate). The decision, the interval and the instructions are tags on the version. Bad input
+    (a missing model or version, a negative margin) fails once, unretried (``transient``)."""
     from dataclasses import asdict
 
     from evaluation.metrics import check_margin, promotion_gate

@@ -1,4 +1,15 @@
 import os
+import tempfile
+
+# Every test is isolated from a developer's running stack: `spi up` records its home under
+# $XDG_STATE_HOME/spi and commands find it there or in SPI_HOME, and MLflow / Prefect clients follow
+# MLFLOW_TRACKING_URI / PREFECT_API_URL. None of the user's: a private folder, and no tracking or API URL
+# unless a test (or a fixture) sets one.
+_ISOLATED = tempfile.mkdtemp(prefix="spi-test-isolated-")
+os.environ["XDG_STATE_HOME"] = os.path.join(_ISOLATED, "state")
+os.environ["SPI_HOME"] = os.path.join(_ISOLATED, "home")
+for _key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+    os.environ.pop(_key, None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

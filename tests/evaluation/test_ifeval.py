@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -159,9 +160,10 @@ def test_cli_scores_and_names_bad_input(tmp_path, capsys):
     assert result["per_kind"]["startend:end_checker"] == {"n": 1, "strict_acc": 0.0, "loose_acc": 100.0}
     assert "prompt_level_strict_acc 50.00" in capsys.readouterr().out
 
-    def fails(prompts_file, responses_file, match):
-        with pytest.raises(SystemExit, match=match):
-            main(["ifeval", "--prompts", str(prompts_file), "--responses", str(responses_file), "--out", str(out)])
+    def fails(prompts_file, responses_file, match):  # one `error:` line naming the file and row, exit 2
+        assert main(["ifeval", "--prompts", str(prompts_file), "--responses", str(responses_file), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and re.search(match, err[0]), err
 
     fails(prompts, _write(tmp_path / "r1.jsonl", [{"prompt": "Describe a cat.", "response": "x"}]),
           "no response for 1 of 2 prompts.*first key 2")

@@ -431,6 +431,38 @@ def test_evaluate_flow_scores_the_champion_and_a_file_of_outputs(experiment, tmp
     assert scored["version"] is None
 
 
+def test_evaluate_flow_logs_its_child_run_like_the_experiment(experiment):
+    """The evaluation's child run carries the system's params, the not-available reasons and the times of
+    the stages it describes; the parent it starts (a new experiment) records the workdir actually used."""
+    from flows.model_flows import evaluate_value_model
+    from mlflow_store import tracking
+
+    workdir, summary, _ = experiment
+    uri = summary["tracking_uri"]
+    result = evaluate_value_model(recipe=str(TINY), overrides={"tracking": {"experiment": "tiny-nightly"}},
+                                  workdir=str(workdir), alias="2")
+    client = tracking.client_for(uri)
+    parent = client.search_runs([client.get_experiment_by_name("tiny-nightly").experiment_id],
+                                filter_string=f"tags.`{tracking.TAG_ROLE}` = 'experiment'")[0]
+    assert parent.data.params["execution.workdir"] == str(workdir.resolve())
+    assert parent.data.params["tracking.experiment"] == "tiny-nightly"
+    (child,) = tracking.child_runs(uri, parent.info.run_id)
+    assert child["system"] == f"evaluate-{result['system']}"
+    run = client.get_run(child["run_id"])
+    p = run.data.params
+    assert (p["system"], p["guide"], p["search.W"], p["version"]) == ("spi-2", "1*V_1 + 0.5*V_2", "2", "2")
+    assert (p["values.V_1.beta"], p["values.V_2.beta"]) == ("1.0", "2.0")
+    assert "length_controlled_winrate" not in run.data.metrics
+    assert "got 6" in run.data.tags[tracking.TAG_NOT_AVAILABLE + "length_controlled_winrate"]
+
+    def ran(artifact):  # (start, end) in ms of the stage whose file the run logged, from its task's sidecar
+        (logged,) = client.list_artifacts(run.info.run_id, artifact)
+        meta = json.loads((workdir / "tiny" / "eval" / (Path(logged.path).name + ".stage.json")).read_text())
+        return int(meta["started_at"] * 1000), int(meta["ended_at"] * 1000)
+
+    assert run.info.start_time == ran("generations")[0] and run.info.end_time == ran("judge_annotations")[1]
+
+
 def test_the_printed_table_says_why_a_number_is_missing():
     """4 judged instructions: the table `spi run` prints has the win rate, and "n/a (why)" for the LC
     win rate and the interval; IFEval rows on 4 prompts say why their interval is missing."""

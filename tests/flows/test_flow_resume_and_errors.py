@@ -165,6 +165,22 @@ def test_leaderboard_with_a_corrupt_file_is_one_error_line(tmp_path, capsys):
     assert "m.jsonl.gz: cannot be read" in _one_error_line(capsys)
 
 
+def test_spi_eval_ifeval_bad_input_is_one_error_line(tmp_path, capsys):
+    """`spi eval ifeval` follows every command: one `error:` line naming the file and row, exit 2."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"key": 1, "prompt": "x", "instruction_id_list": ["nope:nothing"], "kwargs": [{}]})
+                       + "\n")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text(json.dumps({"prompt": "x", "response": "y"}) + "\n")
+    args = ["eval", "ifeval", "--prompts", prompts, "--responses", responses, "--out", tmp_path / "out.json"]
+    assert run_cli(*args) == 2
+    assert "p.jsonl:1: unknown constraint 'nope:nothing'" in _one_error_line(capsys)
+    args[3] = tmp_path / "absent.jsonl"
+    assert run_cli(*args) == 2
+    assert "absent.jsonl" in _one_error_line(capsys)
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_promote_never_creates_a_database(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "elsewhere" / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
@@ -174,6 +190,33 @@ def test_promote_never_creates_a_database(tmp_path, capsys, monkeypatch):
     assert run_cli("promote", "no-such-model", "--tracking-uri", f"sqlite:///{missing}") == 2
     assert str(missing) in _one_error_line(capsys)
     assert not missing.parent.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_promote_fails_bad_input_once_and_retries_a_transient_error(new_workdir, monkeypatch):
+    """A real Prefect run of the promote flow: a missing model is one attempt with the clear error (no
+    retries); an error that may pass next time (the registry's server away) is retried twice."""
+    from flows.model_flows import promote_value_model
+    from mlflow_store import registry
+
+    calls, real = [], registry.promote
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "promote", counted)
+    with pytest.raises(registry.RegistryError, match="no registered model named 'no-such-model'"):
+        promote_value_model(registered_model="no-such-model", workdir=str(new_workdir))
+    assert calls == ["no-such-model"]
+
+    def away(*args, **kwargs):
+        calls.append("away")
+        raise ConnectionError("the registry's server is away")
+
+    monkeypatch.setattr(registry, "promote", away)
+    with pytest.raises(ConnectionError):
+        promote_value_model(registered_model="m", workdir=str(new_workdir))
+    assert calls.count("away") == 3  # the first attempt and both retries
 
 
 def test_sigkill_of_spi_run_leaves_no_prefect_server(tmp_path):

@@ -10,13 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-# `spi up` records its home under $XDG_STATE_HOME/spi (flows.stack.plan.pointer_path): never the user's.
-os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="spi-test-state-")
+# `spi up` records its home under $XDG_STATE_HOME/spi (flows.stack.plan.pointer_path): tests/conftest.py
+# points it (and SPI_HOME) at a private folder, never the user's.
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -138,6 +138,25 @@ def test_spi_run_uses_the_stacks_prefect_api(clean_env):
     assert seen == ["Prefect API http://127.0.0.1:4296/api (the stack's)"]
 
 
+def test_spi_bench_flow_uses_the_stacks_prefect_api(clean_env, monkeypatch, capsys):
+    """`spi bench flow` reaches the Prefect API as `spi run` does: here the running stack's, no server of its own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import bench
+    from flows.cli import main
+
+    home = clean_env / "home"
+    fake_running_stack(home, prefect_port=4295)
+    P.record_home(home)
+    seen = []
+    monkeypatch.setattr(bench, "run_flow_bench", lambda *args, **kwargs: seen.append(PREFECT_API_URL.value()) or {})
+    monkeypatch.setattr(bench, "format_flow_table", lambda result: "table")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["bench", "flow", "--repeats", "1"]) == 0
+    assert seen == ["http://127.0.0.1:4295/api"]
+    assert "Prefect API http://127.0.0.1:4295/api (the stack's)" in capsys.readouterr().err
+
+
 def test_promote_flow_resolves_the_tracking_location_when_it_runs(clean_env, monkeypatch):
     """The promote deployment's defaults (tracking_uri None, workdir runs) resolve when the flow runs: the
     serving process's MLFLOW_TRACKING_URI (the stack's server); with none, a missing database is an
