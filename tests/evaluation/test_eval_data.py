@@ -146,5 +146,6 @@ def test_judge_command_on_the_builtin_set(tmp_path, capsys):
     prefs = read_indexed(tmp_path / "prefs.jsonl", "preference", es)
     assert len(prefs) == 12 and all(p > 1.5 for p in prefs.values())
     assert "win rate" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--references"):
-        main(argv[:5] + argv[7:])
+    assert main(argv[:5] + argv[7:]) == 2  # no references: one error line naming the option
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--references" in err[0]
