@@ -122,12 +122,15 @@ def instruction_difficulty(
     references: Mapping[int, str],
     *,
     l2: float = 1e-6,
+    length_slopes: bool = True,
+    centre: bool = False,
 ) -> dict[int, float]:
     """Per-instruction effect from a joint fit over many models' preferences against the same references.
 
     Model:  logit P(model m wins on i) = b_m + phi_m * tanh(std_delta_len_mi) + d_i, soft labels, rows
     with empty outputs dropped, an L2 penalty ``l2`` (per row) on all weights; d of the first
-    instruction (lowest index) is fixed at 0 (treatment coding). Returns {index: d_i}. Larger d means
+    instruction (lowest index) is fixed at 0 (treatment coding). ``length_slopes`` False drops the
+    phi_m terms (b_m + d_i); ``centre`` shifts d to mean 0. Returns {index: d_i}. Larger d means
     models win more often on i. Every model given is used the same way, whatever its name.
     """
     from scipy import sparse
@@ -153,7 +156,7 @@ def instruction_difficulty(
         for (i, p, _), f in zip(pairs, feat, strict=False):
             rows += [r, r]
             cols += [mi, n_models + mi]
-            vals += [1.0, f]
+            vals += [1.0, f if length_slopes else 0.0]
             if i in col_of:
                 rows.append(r)
                 cols.append(2 * n_models + col_of[i])
@@ -170,8 +173,9 @@ def instruction_difficulty(
         return loss.sum() / r + 0.5 * l2 * beta @ beta, grad / r + l2 * beta
 
     result = minimize(objective, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 5000})
-    d = result.x[2 * n_models:]
-    return {indices[0]: 0.0, **{idx: float(d[j]) for idx, j in col_of.items()}}
+    d = {indices[0]: 0.0, **{idx: float(result.x[2 * n_models + j]) for idx, j in col_of.items()}}
+    shift = float(np.mean(list(d.values()))) if centre else 0.0
+    return {idx: v - shift for idx, v in d.items()}
 
 
 # ----------------------------------------------------------------------------- gamed baselines

@@ -134,10 +134,15 @@ def fit_local_judge(
     backbone: str = "minilm-l6",
     out: str | None = None,
     refit: bool = False,
+    tracking_uri: str | None = None,
+    workdir: str = "runs",
+    registered_model: str | None = None,
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
-    the copy the package ships for minilm-bt).
+    the copy the package ships for minilm-bt). The judge folder is logged as an artifact of a run of the
+    MLflow experiment ``local-judges`` and registered as a version of ``registered_model`` (alias
+    candidate) with its fingerprint (the identity in judgement-cache keys) as the tag ``spi.judge``.
 
     Args:
         name: The judge's name, used as local:NAME.
@@ -146,6 +151,10 @@ def fit_local_judge(
         backbone: Sentence-embedding model under the head (built-in alias, folder or hub id).
         out: Folder to save the judge in; default $SPI_CACHE_DIR/judges/NAME.
         refit: Train again even when the judge exists.
+        tracking_uri: MLflow tracking/registry URI; default MLFLOW_TRACKING_URI, the running stack's
+            server, else the SQLite file of workdir.
+        workdir: Work directory whose mlflow.db is used when no server is configured.
+        registered_model: Registered model name of the judge; default judge-NAME.
     """
     import shutil
 
@@ -158,8 +167,42 @@ def fit_local_judge(
         shutil.rmtree(folder)
     folder = ensure_local_judge(name, data_dir, n_instructions, backbone, out=folder)
     meta = json.loads((folder / "judge_head.json").read_text())
-    get_run_logger().info("local judge %s at %s (%s pairs)", name, folder, meta["meta"].get("n_pairs"))
-    return {"name": name, "folder": str(folder), "backbone": meta["backbone"], "meta": meta["meta"]}
+    uri = resolve_tracking_uri(tracking_uri, workdir)
+    model = registered_model or f"judge-{slug(name)}"
+    registered = _register_judge(uri, model, name, folder, meta)
+    get_run_logger().info("local judge %s at %s (%s pairs), registered as %s version %s (%s)", name, folder,
+                          meta["meta"].get("n_pairs"), model, registered["version"], registered["fingerprint"])
+    return {"name": name, "folder": str(folder), "backbone": meta["backbone"], "meta": meta["meta"],
+            "registered_model": model, "tracking_uri": uri, **registered}
+
+
+JUDGE_EXPERIMENT = "local-judges"
+TAG_JUDGE = "spi.judge"
+
+
+def _register_judge(uri: str, model: str, name: str, folder: Path, meta: dict) -> dict:
+    """Log ``folder`` as the artifact ``judge`` of a run of JUDGE_EXPERIMENT and register it as a
+    version of ``model`` tagged with its fingerprint; the same folder again gives the same version."""
+    from evaluation.judges import judge_fingerprint
+    from mlflow_store import tracking
+    from mlflow_store.registry import register_value_model
+
+    fingerprint = judge_fingerprint(f"local:{folder}")
+    client = tracking.client_for(uri)
+    experiment_id = tracking.get_or_create_experiment(uri, JUDGE_EXPERIMENT)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_JUDGE}` = '{fingerprint}'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, tags={TAG_JUDGE: fingerprint}, run_name=f"judge-{slug(name)}").info.run_id
+        tracking.log_params(uri, run_id, {"name": name, "backbone": meta.get("backbone"),
+                                          **{f"meta.{k}": v for k, v in meta.get("meta", {}).items()
+                                             if isinstance(v, (int, float, str, bool))}})
+        tracking.finish_run(uri, run_id)
+    version = register_value_model(uri, model, run_id, folder, artifact_path="judge",
+                                   description=f"local judge {name}: {fingerprint}")
+    client.set_model_version_tag(model, version, TAG_JUDGE, fingerprint)
+    return {"version": version, "run_id": run_id, "fingerprint": fingerprint}
 
 
 @flow(name="promote-value-model", flow_run_name=_promote_run_name, persist_result=False)

@@ -10,7 +10,14 @@ import pytest
 
 from evaluation.data import load_eval_set, model_files
 from evaluation.leaderboard import compare_with_published, load_folder, plot_win_rates
-from evaluation.length_control import instruction_difficulty, length_controlled_win_rate
+from evaluation.length_control import (
+    GAMED_BASELINES,
+    gamed_baseline_rows,
+    instruction_difficulty,
+    length_controlled_win_rate,
+    read_glm_weights,
+)
+from evaluation.trained_judge import split_models_and_instructions
 from tests.evaluation.alpaca_data import DATA, needs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +63,56 @@ def test_difficulty_ignores_model_names():
     mean_win = np.array([np.mean([prefs[m][i] for m in picked]) for i in sorted(refs)])
     d = np.array([d1[i] for i in sorted(refs)])
     assert np.corrcoef(mean_win, d)[0, 1] > 0.5
+
+
+def test_difficulty_without_length_slopes_is_centred_and_ignores_lengths():
+    rng = np.random.default_rng(1)
+    refs = {i: "r" * 300 for i in range(40)}
+    effect = rng.normal(size=40)
+    prefs = {m: {i: 1 + float(1 / (1 + np.exp(-(b + effect[i])))) for i in refs} for m, b in (("a", -1.0), ("b", 0.5), ("c", 1.0))}
+    short = {m: {i: "o" * int(rng.integers(50, 900)) for i in refs} for m in prefs}
+    longer = {m: {i: o * 3 for i, o in outs.items()} for m, outs in short.items()}
+    d = instruction_difficulty(prefs, short, refs, length_slopes=False, centre=True)
+    assert abs(np.mean(list(d.values()))) < 1e-9
+    assert np.corrcoef([d[i] for i in refs], effect)[0, 1] > 0.99  # recovers the instruction effect
+    assert d == pytest.approx(instruction_difficulty(prefs, longer, refs, length_slopes=False, centre=True), abs=1e-6)
+    assert instruction_difficulty(prefs, short, refs)[0] == 0.0  # the default keeps treatment coding
+
+
+def _lc_errors(models, difficulty_models, **difficulty_options):
+    """LC minus the published LC of ``models``, difficulty fitted on ``difficulty_models``' preferences."""
+    import pandas as pd
+
+    es = load_eval_set(DATA)
+    refs = {e["index"]: e["reference_output"] for e in es}
+    outs = load_folder(DATA / "outputs", "output", es, allow_empty=True)
+    prefs = load_folder(DATA / "preferences", "preference", es)
+    d = instruction_difficulty({m: prefs[m] for m in difficulty_models}, outs, refs, **difficulty_options)
+    weights = read_glm_weights(DATA / "glm_weights_length_controlled_v1.csv")
+    gamed = gamed_baseline_rows({g: outs[g] for g in GAMED_BASELINES}, weights, refs, d)
+    published = pd.read_csv(LEADERBOARD, index_col=0)["length_controlled_winrate"]
+    return np.array([length_controlled_win_rate(prefs[m], outs[m], refs, difficulty=d, gamed=gamed)
+                     ["length_controlled_winrate"] - published[m] for m in models])
+
+
+@needs_data
+@pytest.mark.slow
+def test_lc_error_on_held_out_models():
+    """The held-out models of the judge split (test fraction 0.3, seed 0: 11 of 37): the platform's LC
+    (difficulty b_m + phi_m len + d_i over all given models) beside the refit b_m + d_i, centred."""
+    models = sorted(set(model_files(DATA / "preferences")) & set(model_files(DATA / "outputs")))
+    train, held_out, _, _ = split_models_and_instructions(models, [0], test_fraction=0.3, seed=0)
+    mae = {}
+    for label, options in (("platform", {}), ("refit b_m+d_i centred", {"length_slopes": False, "centre": True})):
+        everyone = _lc_errors(models, models, **options)
+        alone = _lc_errors(held_out, train, **options)
+        on_held_out = everyone[[models.index(m) for m in held_out]]
+        mae[label] = float(np.abs(on_held_out).mean())
+        print(f"\n{label}: all {len(models)} models MAE {np.abs(everyone).mean():.2f}; held-out {len(held_out)}: "
+              f"MAE {mae[label]:.2f} (signed {on_held_out.mean():+.2f}), difficulty from the other models only: "
+              f"MAE {np.abs(alone).mean():.2f} (signed {alone.mean():+.2f})")
+    assert len(held_out) == 11 and not set(held_out) & set(train)
+    assert mae["platform"] < 1.4  # measured 1.19 (2026-12-01)
 
 
 def test_lc_removes_a_pure_length_effect():
