@@ -16,7 +16,7 @@ from pathlib import Path
 
 from evaluation.ifeval import METRICS, PromptResult, paired_differences
 from evaluation.metrics import NotEstimable
-from evaluation.report import interval, shown
+from evaluation.report import interval, paired_row
 
 HEADLINE = "prompt_level_strict_acc"
 
@@ -102,14 +102,7 @@ def systems_section(rows: list[dict]) -> list[str]:
 def paired_section(paired: list[dict]) -> list[str]:
     out = ["", "## Paired differences (percentage points, same prompts)", "",
            "| system | against | why | metric | difference | 95% CI | reading |", "|---|---|---|---|---|---|---|"]
-    for p in paired:
-        if p.get("not_available"):
-            out.append(f"| {p['a']} | {p['b']} | {p['why']} | {p['metric']} | {shown(None, '', p['not_available'])} "
-                       "| n/a | not available |")
-            continue
-        reading = "within noise" if p["within_noise"] else ("better" if p["diff"] > 0 else "worse")
-        out.append(f"| {p['a']} | {p['b']} | {p['why']} | {p['metric']} | {p['diff']:+.2f} "
-                   f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {reading} |")
+    out += [paired_row([p["a"], p["b"], p["why"], p["metric"]], p, "diff") for p in paired]
     return out
 
 

@@ -206,6 +206,20 @@ def interval(row: dict, metric: str, fmt: str = ".1f") -> str:
     return f"[{low:{fmt}}, {high:{fmt}}]"
 
 
+def paired_row(labels: list[str], p: dict, diff_key: str, extra: tuple = ()) -> str:
+    """A row of a paired-differences table: ``labels``, the difference ``p[diff_key]`` and its 95% CI,
+    the ``extra`` cells ((key, format) pairs, e.g. the p-value), and the reading; "n/a (reason)" cells
+    when the pair has ``not_available``."""
+    if p.get("not_available"):
+        cells = [shown(None, "", p["not_available"]), "n/a", *["n/a"] * len(extra), "not available"]
+    else:
+        diff = p[diff_key]
+        reading = "within noise" if p["within_noise"] else ("better" if diff > 0 else "worse")
+        cells = [f"{diff:+.2f}", f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]",
+                 *[f"{p[key]:{fmt}}" for key, fmt in extra], reading]
+    return "| " + " | ".join([*labels, *cells]) + " |"
+
+
 def render(head: list[str], rows: list[dict], iterations: list[dict], paired: list[dict], plots: list[str],
            example_lines: list[str], promotions: list[dict], ifeval_lines: list[str] | None = None) -> str:
     """The markdown; ``ifeval_lines`` (the IFEval systems, paired and per-kind sections) replace the
@@ -251,14 +265,8 @@ def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
     if paired:
         out += ["", "## Paired differences (win rate points, same instructions)", "",
                 "| system | against | why | difference | 95% CI | p | reading |", "|---|---|---|---|---|---|---|"]
-        for p in paired:
-            if p.get("not_available"):
-                out.append(f"| {p['system']} | {p['against']} | {p['why']} | {shown(None, '', p['not_available'])} "
-                           "| n/a | n/a | not available |")
-                continue
-            reading = "within noise" if p["within_noise"] else ("better" if p["mean_difference"] > 0 else "worse")
-            out.append(f"| {p['system']} | {p['against']} | {p['why']} | {p['mean_difference']:+.2f} "
-                       f"| [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['p_value']:.3f} | {reading} |")
+        out += [paired_row([p["system"], p["against"], p["why"]], p, "mean_difference", (("p_value", ".3f"),))
+                for p in paired]
     return out
 
 

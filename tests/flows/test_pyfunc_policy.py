@@ -4,15 +4,13 @@ seeds: row i gets the seed of evaluation prompt i). Reads the session's tiny exp
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port, serving
 
 NAME = "tiny-value"
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,12 +113,6 @@ def test_model_reference_digests_a_local_folder(tmp_path):
     assert model_reference("random:tiny")["digest"] == model_reference("random:tiny")["digest"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -130,37 +122,15 @@ def _post(url: str, payload: dict) -> dict:
 def test_mlflow_models_serve_answers_as_the_experiment(champion, tmp_path):
     _, prompts, answers, _ = champion
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,  # the server runs `uvicorn`:
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # the venv's
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
-         "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+            "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no /ping in 240 s: " + (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
+    with serving(argv, f"{base}/ping", tmp_path / "serve.log", env, timeout=240):
         listed = _post(f"{base}/invocations", {"inputs": prompts})
         assert [row["response"] for row in listed["predictions"]] == answers
         split = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]}})
         assert [row["response"] for row in split["predictions"]] == answers
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        log.close()

@@ -15,12 +15,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.servers import free_port
 
 SUPERUSER = "spi"
 
@@ -57,12 +58,6 @@ def server_or_skip() -> Iterator[str]:
         pytest.skip(reason)
     with throwaway_postgres() as url:
         yield url
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -103,7 +98,7 @@ def throwaway_postgres(timeout_s: float = 30.0) -> Iterator[str]:
             timeout=120,
             **run_as,
         )
-        port = _free_port()
+        port = free_port()
         with open(log, "wb") as log_fh:
             proc = subprocess.Popen(
                 [

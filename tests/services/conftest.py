@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port
 
 # `spi up` records its home under $XDG_STATE_HOME/spi (flows.stack.plan.pointer_path): tests/conftest.py
 # points it (and SPI_HOME) at a private folder, never the user's.
@@ -27,12 +28,6 @@ def served_module() -> str:
     import importlib.util
 
     return "flows.deployments" if importlib.util.find_spec("flows.deployments") else STANDIN
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_ports(n: int) -> list[int]:

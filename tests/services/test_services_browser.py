@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, start_stack, stop_stack
+from conftest import ROOT, start_stack, stop_stack
+
+from tests.servers import free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -240,34 +241,12 @@ def _spi_env() -> dict:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _mlflow_server(database: Path, port: int) -> subprocess.Popen:
+def _mlflow_server(database: Path, port: int, log_path: Path):
     """`mlflow server` on an experiment's SQLite database (the README's way to look at a run), in its
-    own process group; returns once /health answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-         f"sqlite:///{database}", "--workers", "1"],
-        env=_spi_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"mlflow server on port {port} did not start (exit code {proc.poll()})") from None
-            time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+    own process group, ready once /health answers; stopped when the block ends."""
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{database}", "--workers", "1"]
+    return serving(argv, f"http://127.0.0.1:{port}/health", log_path, _spi_env())
 
 
 def test_compare_child_runs_shows_what_each_system_is(tmp_path, shots):
@@ -292,8 +271,7 @@ def test_compare_child_runs_shows_what_each_system_is(tmp_path, shots):
     parent = json.loads(summary_file.read_text())["experiment_run_id"]
 
     port = free_port()
-    server = _mlflow_server(database, port)
-    try:
+    with _mlflow_server(database, port, tmp_path / "mlflow-server.log"):
         mlflow = f"http://127.0.0.1:{port}"
         children = {(c["system"], c["iteration"]): c["run_id"] for c in tracking.child_runs(mlflow, parent)}
         spi1, sampled = children[("spi", 1)], children[("base-sampled", 0)]
@@ -333,5 +311,3 @@ def test_compare_child_runs_shows_what_each_system_is(tmp_path, shots):
                 raise
             finally:
                 browser.close()
-    finally:
-        _stop(server)
