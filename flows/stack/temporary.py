@@ -53,8 +53,17 @@ def prefect_api(announce: Callable[[str], None] = print) -> Iterator[str]:
         announce(f"Prefect API {server.url} (temporary server, pid {server.pid}; it stops with this command)")
         with _use_api(server.url):
             yield server.url
+            _send_queued_logs()
     finally:
         server.stop()
+
+
+def _send_queued_logs() -> None:
+    """Prefect ships run logs to the API from a background worker: send what is queued while the
+    temporary server still listens, so that no "Error logging to API" follows a finished run."""
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
 
 
 @contextmanager
