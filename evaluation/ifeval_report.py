@@ -16,7 +16,15 @@ from pathlib import Path
 
 from evaluation.ifeval import METRICS, PromptResult, paired_differences
 from evaluation.metrics import NotEstimable
-from evaluation.report import interval, paired_row
+from evaluation.report import (
+    MATCH_UNITS,
+    compute_section,
+    interval,
+    matched_systems,
+    paired_row,
+    system_label,
+    unit_line,
+)
 
 HEADLINE = "prompt_level_strict_acc"
 
@@ -38,10 +46,6 @@ def results_of(verified: dict) -> list[PromptResult]:
             for a in annotations]
 
 
-def _matches(row: dict) -> list[str]:
-    return [s.strip() for s in (row.get("matches") or "").split(",") if s.strip()]
-
-
 def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]], seed: int = 0) -> list[dict]:
     """Each spi-k against the best baseline (by prompt-level strict accuracy), the Best-of-N matched to
     its tokens and spi-(k-1): one row per metric, with the reason for the pairing."""
@@ -51,7 +55,8 @@ def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]], seed: in
     out = []
     for k, row in sorted(by_iteration.items()):
         rivals = [(best, "best baseline")] if best else []
-        rivals += [(r, "same generated tokens") for r in rows if row["system"] in _matches(r)]
+        rivals += [(r, f"same {MATCH_UNITS[r.get('matched_unit', 'generated_tokens')]}") for r in rows
+                   if row["system"] in matched_systems(r)]
         if k - 1 in by_iteration:
             rivals.append((by_iteration[k - 1], "previous iteration"))
         for rival, why in rivals:
@@ -84,19 +89,19 @@ def _num(x, fmt: str) -> str:
 
 def systems_section(rows: list[dict]) -> list[str]:
     out = ["", "## Systems (IFEval accuracies, percent, 95% bootstrap intervals over prompts)", "",
-           "Compute per evaluation prompt; SPI's rollouts and reward labels are amortised over the evaluation "
-           "prompts (spi-k: iterations 1..k, blockwise-cd: iteration 1).", "",
+           "Compute per evaluation prompt; SPI's rollouts, reward labels and value fits are amortised over the "
+           "evaluation prompts (spi-k: iterations 1..k, blockwise-cd: iteration 1).", "",
            "| system | iter | mean reward | prompt strict | inst strict | prompt loose | inst loose | generated tokens "
-           "| tokens incl. training | reward calls incl. training |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| generated tokens incl. training | forward tokens incl. training | reward calls incl. training |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
         cells = [f"{r[m]:.1f} {interval(r, m)}" for m in METRICS]
-        out.append(f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} "
+        out.append(f"| {system_label(r)} | {r['iteration'] if r['iteration'] is not None else '-'} "
                    f"| {_num(r['mean_reward'], '.4f')} | " + " | ".join(cells)
-                   + f" | {r['generated_tokens']} | {_num(r.get('tokens_per_instruction'), '.0f')} "
+                   + f" | {r['generated_tokens']} | {_num(r.get('generated_tokens_per_instruction'), '.0f')} "
+                   f"| {_num(r.get('forward_tokens_per_instruction'), '.0f')} "
                    f"| {_num(r.get('reward_calls_per_instruction'), '.1f')} |")
-    return out
+    return out + ["", unit_line(rows)] + compute_section(rows)
 
 
 def paired_section(paired: list[dict]) -> list[str]:

@@ -4,8 +4,10 @@ Everything here reads plain dicts and the stage files the flow already wrote (de
 annotations); the flow logs the markdown and the plots to MLflow and as Prefect artifacts.
 
     cost_fields       per-system compute with the SPI training it relies on amortised over the
-                      evaluation instructions (spi-k: iterations 1..k; blockwise-cd: iteration 1)
-    matched_sizes     N of Best-of-N whose generated tokens match each spi-k's (training included)
+                      evaluation instructions (spi-k: iterations 1..k; blockwise-cd: iteration 1), in
+                      every unit of CHARGES and their sum over models, "forward tokens"
+    matched_sizes     N of Best-of-N whose generated (or forward) tokens match each spi-k's (training
+                      included)
     paired_rows       spi-k minus the best baseline (and minus its budget-matched Best-of-N), per
                       instruction, with bootstrap intervals; "within noise" when the interval holds 0
     write_plots       win rate against iteration and against compute (PNG)
@@ -14,7 +16,6 @@ annotations); the flow logs the markdown and the plots to MLflow and as Prefect 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -29,37 +30,94 @@ def training_iterations(system: str, iteration: int | None) -> int:
     return iteration if iteration is not None else value_count(system)
 
 
+# What the report charges a system, each a count of real tokens (``spi.compute.Compute``): its decode's and,
+# amortised, its training's (the rollouts and labels of iterations 1..k, and the fits of V_1..V_k).
+CHARGES = {
+    "generated_tokens": "generated",
+    "policy_tokens": "policy",
+    "value_tokens": "value models",
+    "reward_tokens": "reward model",
+    "w2s_tokens": "weak-to-strong pair",
+    "value_fit_tokens": "value fitting",
+}
+# "forward tokens": tokens through any model, the sum of these (generated tokens are policy tokens
+# already); a value fit's training step counts its tokens twice, forward and backward
+FORWARD = ("policy_tokens", "value_tokens", "reward_tokens", "w2s_tokens", "value_fit_tokens")
+MATCH_UNITS = {"generated_tokens": "generated tokens", "forward_tokens": "forward tokens"}
+
+
+def training_charges(iterations: list[dict], k: int) -> dict[str, int]:
+    """Each unit of CHARGES, and the reward calls, summed over the first ``k`` iterations' stages: the
+    rollouts' and the labels' compute and the value fits' cost (forward + backward tokens)."""
+    total = dict.fromkeys([*CHARGES, "reward_calls"], 0)
+    for it in iterations[:k]:
+        for stage in ("rollouts", "labels"):
+            compute = it[stage].get("compute") or {}
+            for unit in total:
+                total[unit] += int(compute.get(unit, 0))
+        fit = it["value"].get("report") or {}
+        total["value_fit_tokens"] += int(fit.get("forward_tokens", 0)) + int(fit.get("backward_tokens", 0))
+    return total
+
+
 def cost_fields(row: dict, decoded: dict, iterations: list[dict], n_instructions: int) -> dict:
-    """Generated tokens and reward calls per instruction, the system's own and its training's."""
+    """Per instruction, in every unit of CHARGES and in forward tokens: the system's own compute plus its
+    training's (``training_<unit>``, whole); reward calls likewise; the beam change rate."""
     k = training_iterations(row["system"], row["iteration"])
-    train_tokens = sum(int(it["rollouts"]["compute"].get("generated_tokens", 0)) for it in iterations[:k])
-    train_rewards = sum(_labelled_leaves(it["labels"]["path"]) for it in iterations[:k])
+    own, train = decoded["compute"], training_charges(iterations, k)
+    out = {}
+    for unit in [*CHARGES, "reward_calls"]:
+        out[f"training_{unit}"] = train[unit]
+        out[f"{unit}_per_instruction"] = (int(own.get(unit, 0)) + train[unit]) / n_instructions
+    out["training_forward_tokens"] = sum(train[unit] for unit in FORWARD)
+    out["forward_tokens_per_instruction"] = sum(out[f"{unit}_per_instruction"] for unit in FORWARD)
     data = json.loads(Path(decoded["path"]).read_text())
     boundaries = data.get("boundaries") or 0
-    return {
-        "training_tokens": train_tokens,
-        "tokens_per_instruction": (row["generated_tokens"] + train_tokens) / n_instructions,
-        "reward_calls_per_instruction": (int(decoded["compute"].get("reward_calls", 0)) + train_rewards)
-        / n_instructions,
-        "beam_change_rate": (data.get("beam_changes", 0) / boundaries) if boundaries else None,
-    }
+    out["beam_change_rate"] = (data.get("beam_changes", 0) / boundaries) if boundaries else None
+    return out
 
 
-@functools.cache  # read once per labels file, not once per system
-def _labelled_leaves(path: str) -> int:
-    return sum(len(json.loads(line)["rewards"]) for line in Path(path).read_text().splitlines() if line.strip())
+def matched_sizes(rows: list[dict], rows_per_prompt: int, n_instructions: int,
+                  unit: str = "generated_tokens") -> dict[int, int]:
+    """{k: N_k}: Best-of-N_k costs as many ``unit`` (MATCH_UNITS) per instruction as spi-k, its training
+    included (N_k >= the search's W*K rows). A Best-of-N leaf costs, in generated tokens, spi-k's own
+    generated tokens per leaf; in forward tokens, the measured best-of-n baseline's per leaf (its policy
+    and reward tokens: it has no training), which must then be among ``rows``."""
+    from spi.systems import best_of_n_rows
 
-
-def matched_sizes(rows: list[dict], rows_per_prompt: int, n_instructions: int) -> dict[int, int]:
-    """{k: N_k}: Best-of-N_k generates as many tokens per instruction as spi-k, its training included,
-    at spi-k's tokens per leaf (N_k >= the search's W*K rows)."""
+    if unit not in MATCH_UNITS:
+        raise ValueError(f"budget-matched Best-of-N unit {unit!r} is not one of {', '.join(MATCH_UNITS)}")
+    measured = None
+    if unit == "forward_tokens":
+        bon = [r for r in rows if r["system"].startswith("best-of-n") and not r.get("matches")]
+        if not bon or not bon[0]["forward_tokens_per_instruction"]:
+            raise ValueError("matching Best-of-N on forward tokens needs the best-of-n baseline's decode "
+                             "(baselines.names) to measure a leaf's forward tokens")
+        measured = bon[0]["forward_tokens_per_instruction"] / best_of_n_rows(bon[0]["system"], rows_per_prompt)
     sizes = {}
     for row in rows:
         if row["iteration"] is None or not row["generated_tokens"]:
             continue
-        per_leaf = row["generated_tokens"] / (n_instructions * rows_per_prompt)
-        sizes[row["iteration"]] = max(rows_per_prompt, round(row["tokens_per_instruction"] / per_leaf))
+        per_leaf = measured or row["generated_tokens"] / (n_instructions * rows_per_prompt)
+        sizes[row["iteration"]] = max(rows_per_prompt, round(row[f"{unit}_per_instruction"] / per_leaf))
     return sizes
+
+
+def matched_systems(row: dict) -> list[str]:
+    """The spi-k a budget-matched Best-of-N row matches (its ``matches``: "spi-1, spi-2")."""
+    return [s.strip() for s in (row.get("matches") or "").split(",") if s.strip()]
+
+
+def unit_line(rows: list[dict]) -> str:
+    """The line under a table that says in which unit each comparison is matched."""
+    units = sorted({MATCH_UNITS[r.get("matched_unit", "generated_tokens")] for r in rows if r.get("matches")})
+    line = ("Units: tokens are real tokens per evaluation instruction; forward tokens incl. training = policy + "
+            "value models + reward model + weak-to-strong pair + value fitting (a fit's training step counts "
+            "its tokens forward and backward), SPI's training amortised. ")
+    if units:
+        return line + (f"Budget-matched Best-of-N (best-of-n:N (= spi-k)) matches spi-k's {' and '.join(units)} "
+                       "per instruction, training included; the best baseline is compared at its own compute.")
+    return line + "No budget-matched Best-of-N ran: every comparison is at each system's own compute."
 
 
 def preferences(judgement: dict) -> list[float]:
@@ -76,9 +134,9 @@ def paired_rows(rows: list[dict], judged: dict[str, tuple[dict, dict]]) -> list[
         if row["iteration"] is None:
             continue
         rivals = [best] if best else []
-        rivals += [r for r in rows if r.get("matches") == row["system"]]
+        rivals += [r for r in rows if row["system"] in matched_systems(r)]
         for rival in rivals:
-            why = "best baseline" if rival is best else "same generated tokens"
+            why = "best baseline" if rival is best else f"same {MATCH_UNITS[rival.get('matched_unit', 'generated_tokens')]}"
             try:
                 diff = paired_comparison(preferences(judged[row["system"]][1]), preferences(judged[rival["system"]][1]))
             except NotEstimable as err:  # too few instructions for an interval: no reading either way
@@ -125,19 +183,19 @@ def write_plots(rows: list[dict], folder: Path, title: str, metric: str = "win_r
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = "forward_tokens_per_instruction"
     families = {"spi-k": spi,
-                "best-of-n": sorted((r for r in others if r["system"].startswith("best-of-n")),
-                                    key=lambda r: r["tokens_per_instruction"])}
+                "best-of-n": sorted((r for r in others if r["system"].startswith("best-of-n")), key=lambda r: r[x])}
     for label, rs in families.items():
         if rs:
-            ax.errorbar([r["tokens_per_instruction"] for r in rs], [r[metric] for r in rs], yerr=errors(rs),
+            ax.errorbar([r[x] for r in rs], [r[metric] for r in rs], yerr=errors(rs),
                         marker="o", capsize=3, label=label)
     for r in others:
         if not r["system"].startswith("best-of-n"):
-            ax.scatter([r["tokens_per_instruction"]], [r[metric]], marker="s")
-            ax.annotate(r["system"], (r["tokens_per_instruction"], r[metric]), fontsize=7)
+            ax.scatter([r[x]], [r[metric]], marker="s")
+            ax.annotate(r["system"], (r[x], r[metric]), fontsize=7)
     ax.set_xscale("log")
-    ax.set(xlabel="generated tokens per instruction (SPI training amortised)",
+    ax.set(xlabel="forward tokens per instruction, all models (SPI training amortised)",
            ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -245,28 +303,51 @@ def _alpaca_sections(rows: list[dict], paired: list[dict]) -> list[str]:
         "",
         "## Systems",
         "",
-        "Compute per evaluation instruction; SPI's rollouts and reward labels are amortised over the "
-        "evaluation instructions (spi-k: iterations 1..k, blockwise-cd: iteration 1). The head-on-policy "
-        "value adds no model calls of its own.",
+        "Compute per evaluation instruction; SPI's rollouts, reward labels and value fits are amortised "
+        "over the evaluation instructions (spi-k: iterations 1..k, blockwise-cd: iteration 1). Generated "
+        "tokens: the system's own, all instructions together.",
         "",
-        "| system | iter | mean reward | win rate | 95% CI | LC win rate | generated tokens | tokens incl. training "
-        "| reward calls incl. training | beam changed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | iter | mean reward | win rate | 95% CI | LC win rate | generated tokens "
+        "| generated tokens incl. training | forward tokens incl. training | reward calls incl. training "
+        "| beam changed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = r["system"] + (f" (= {r['matches']} tokens)" if r.get("matches") else "")
         lc = shown(r["length_controlled_winrate"], ".2f", why_not(r, "length_controlled_winrate"))
         out.append(
-            f"| {name} | {r['iteration'] if r['iteration'] is not None else '-'} | {_num(r['mean_reward'], '.4f')} "
-            f"| {r['win_rate']:.2f} | {interval(r, 'win_rate')} | {lc} "
-            f"| {r['generated_tokens']} | {_num(r['tokens_per_instruction'], '.0f')} "
+            f"| {system_label(r)} | {r['iteration'] if r['iteration'] is not None else '-'} "
+            f"| {_num(r['mean_reward'], '.4f')} | {r['win_rate']:.2f} | {interval(r, 'win_rate')} | {lc} "
+            f"| {r['generated_tokens']} | {_num(r['generated_tokens_per_instruction'], '.0f')} "
+            f"| {_num(r['forward_tokens_per_instruction'], '.0f')} "
             f"| {_num(r['reward_calls_per_instruction'], '.1f')} | {_num(r['beam_change_rate'], '.0%')} |"
         )
+    out += ["", unit_line(rows)] + compute_section(rows)
     if paired:
         out += ["", "## Paired differences (win rate points, same instructions)", "",
                 "| system | against | why | difference | 95% CI | p | reading |", "|---|---|---|---|---|---|---|"]
         out += [paired_row([p["system"], p["against"], p["why"]], p, "mean_difference", (("p_value", ".3f"),))
                 for p in paired]
+        out += ["", unit_line(rows)]
+    return out
+
+
+def system_label(row: dict) -> str:
+    """A row's name in a table; a budget-matched Best-of-N names what it matches and in which unit."""
+    if not row.get("matches"):
+        return row["system"]
+    return f"{row['system']} (= {row['matches']} {MATCH_UNITS[row.get('matched_unit', 'generated_tokens')]})"
+
+
+def compute_section(rows: list[dict]) -> list[str]:
+    """Every unit of CHARGES per instruction, training amortised, and their forward-token sum."""
+    out = ["", "## Compute per instruction, by model (tokens, SPI training amortised)", "",
+           "A head on the policy's hidden states runs no model of its own (0 value-model tokens); value "
+           "fitting counts the tokens through the model a fit trains, forward and backward.", "",
+           "| system | " + " | ".join(CHARGES.values()) + " | forward tokens incl. training |",
+           "|---|" + "---|" * (len(CHARGES) + 1)]
+    for r in rows:
+        cells = [_num(r.get(f"{unit}_per_instruction"), ".0f") for unit in [*CHARGES, "forward_tokens"]]
+        out.append(f"| {system_label(r)} | " + " | ".join(cells) + " |")
     return out
 
 

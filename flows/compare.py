@@ -132,10 +132,11 @@ def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) ->
 
 
 def matched_best_of_n(ctx: RunContext, stages: FlowStages, rows: list[dict], eval_set: dict, n_eval: int):
-    """(system, decode, "spi-k, ...") for Best-of-N at each spi-k's generated tokens (training included):
-    the widest is decoded, the others are its first N rows (the rows they would sample themselves)."""
+    """(system, decode, "spi-k, ...") for Best-of-N at each spi-k's generated or forward tokens
+    (baselines.budget_matched_unit; training included): the widest is decoded, the others are its first
+    N rows (the rows they would sample themselves)."""
     s = ctx.recipe.search
-    sizes = report.matched_sizes(rows, s.width * s.successors, n_eval)
+    sizes = report.matched_sizes(rows, s.width * s.successors, n_eval, ctx.recipe.baselines.budget_matched_unit)
     if not sizes:
         return []
     widest = max(sizes.values())
@@ -185,7 +186,7 @@ def evaluate_systems(ctx: RunContext, iterations: list[dict], value_dirs: list[s
         judge(name, k, stages.decode(name, value_dirs[:n_values], eval_set))
     if ctx.recipe.baselines.budget_matched_best_of_n:
         for name, decoded, matches in matched_best_of_n(ctx, stages, ev.rows, eval_set, n_eval):
-            judge(name, None, decoded, matches=matches)
+            judge(name, None, decoded, matches=matches, matched_unit=ctx.recipe.baselines.budget_matched_unit)
     return ev
 
 

@@ -65,6 +65,7 @@ def iteration_metrics(it: dict) -> dict:
     m = {f"rollout_{k}": v for k, v in it["labels"]["stats"].items()}
     m.update({f"value_{k}": v for k, v in it["value"]["report"].items()})
     m.update({f"rollout_{k}": v for k, v in it["rollouts"]["compute"].items() if not k.startswith("seconds_")})
+    m.update({f"labels_{k}": v for k, v in (it["labels"].get("compute") or {}).items() if not k.startswith("seconds_")})
     for name in ("rollouts", "labels", "value"):
         m[f"seconds_{name}"] = it[name]["seconds"]
     return m
@@ -167,6 +168,7 @@ def child_params(ctx: RunContext, row: dict, iterations: list[dict]) -> dict:
     params["iteration"] = str(row["iteration"]) if row["iteration"] is not None else "none (baseline)"
     if row.get("matches"):
         params["matches_tokens_of"] = row["matches"]
+        params["matches_unit"] = row.get("matched_unit", "generated_tokens")
     return params
 
 

@@ -219,10 +219,12 @@ def labels(ctx: RunContext, k: int, rollouts: dict) -> dict:
 
     def merge(files, out):
         sharding.merge_jsonl(files, rollouts["n_prompts"], out, f"iteration {k} labels")
+        write_json(out.with_suffix(".compute.json"), _merged_compute(files), indent=2)
 
     out = folder / f"labels-{key}.jsonl"
     result = _sharded(ctx, f"iteration-{k}/labels", "labels", key, rollouts["n_prompts"], out, submit, merge)
     result["stats"] = T.reward_stats(read_jsonl(out))
+    result["compute"] = T.stage_compute(out)
     return result
 
 

@@ -80,9 +80,13 @@ def rollouts_task(recipe: Recipe, iteration: int, value_dirs: list[str], out: st
     )
     pipeline.generate_rollouts(r, iteration, [Path(d) for d in value_dirs], out, progress=False, key=key)
     records = _check_jsonl(out, "rollouts")
-    compute_file = out.with_suffix(".compute.json")
-    compute = json.loads(compute_file.read_text()) if compute_file.exists() else {}
-    return stage_result("rollouts", out, key, t0, computed, n_prompts=len(records), compute=compute)
+    return stage_result("rollouts", out, key, t0, computed, n_prompts=len(records), compute=stage_compute(out))
+
+
+def stage_compute(out: Path) -> dict:
+    """The compute a stage wrote beside its output (``<out>.compute.json``), {} when it wrote none."""
+    compute_file = Path(out).with_suffix(".compute.json")
+    return json.loads(compute_file.read_text()) if compute_file.exists() else {}
 
 
 @task(name="labels", cache_key_fn=stage_cache_key, task_run_name="labels-iter{iteration}")
@@ -96,7 +100,7 @@ def labels_task(recipe: Recipe, iteration: int, rollouts: str, out: str, key: st
     )
     pipeline.label_rollouts(r, Path(rollouts), out, key=key)
     stats = reward_stats(_check_jsonl(out, "labels"))
-    return stage_result("labels", out, key, t0, computed, stats=stats)
+    return stage_result("labels", out, key, t0, computed, stats=stats, compute=stage_compute(out))
 
 
 def reward_stats(labels: list[dict]) -> dict:

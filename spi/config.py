@@ -173,7 +173,13 @@ class BaselineConfig(Section):
     args_top_k: int = Field(10, ge=1)
     budget_matched_best_of_n: bool = Field(
         False,
-        description="also run best-of-n:N_k with N_k matching spi-k's generated tokens, training rollouts included",
+        description="also run best-of-n:N_k with N_k matching spi-k's budget_matched_unit, training included",
+    )
+    budget_matched_unit: Literal["generated_tokens", "forward_tokens"] = Field(
+        "generated_tokens",
+        description="what budget-matched Best-of-N matches per instruction: generated tokens (rollouts "
+                    "amortised), or forward tokens through every model (policy, value models, reward, "
+                    "weak-to-strong pair, value fitting; needs the best-of-n baseline to measure a leaf)",
     )
 
     @field_validator("names")
@@ -186,6 +192,13 @@ class BaselineConfig(Section):
         if unknown:
             raise ValueError(f"unknown baseline {', '.join(map(repr, unknown))} (registered: {', '.join(known)})")
         return names
+
+    @model_validator(mode="after")
+    def _forward_match_measures_best_of_n(self):
+        if self.budget_matched_best_of_n and self.budget_matched_unit == "forward_tokens" and "best-of-n" not in self.names:
+            raise ValueError("baselines.budget_matched_unit 'forward_tokens' needs 'best-of-n' in baselines.names: "
+                             "its decode measures a Best-of-N leaf's forward tokens")
+        return self
 
 
 class EvaluationConfig(Section):

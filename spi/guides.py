@@ -13,6 +13,10 @@ Implementations differ only in how they read a row:
 whole (prompt, response so far) rows scored from scratch. Guides that cannot score that way
 (``TokenLogProbGuide``: it reads log pi_0 of the sampled token) raise, naming themselves.
 
+Compute: every token a guide runs through a model of its own is charged to the search's ``Compute``:
+value backbones to ``value_tokens`` (one count per V_i), the weak-to-strong pair to ``w2s_tokens`` (both
+models), the reward model to ``reward_tokens``. A head on the policy's hidden states runs no model: 0.
+
 Devices: a ``Boundary`` lives on the policy's device. A guide moves what it reads to its own model's
 device and returns its scores on the boundary's device; ``score_prefixes`` returns them on the CPU.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spi.compute import Compute
+from spi.compute import Compute, charge_reward
 from spi.incremental import IncrementalModel, rowwise
 from spi.prompts import chat_prompt_ids, value_input_ids
 
@@ -94,6 +98,9 @@ def _score_sequences(value_model, prefixes: Prefixes, policy_model=None) -> torc
 
 
 class HeadValueGuide(Guide):
+    """A head on the policy's hidden states: no forward of its own (0 value tokens, value calls only).
+    ``score_prefixes`` (vLLM) runs a transformers copy of the policy from scratch: those are value tokens."""
+
     needs_last_logprob = False
 
     def __init__(self, value_model):
@@ -204,7 +211,7 @@ class ImplicitRewardGuide(Guide):
         super().begin(instructions, prompt_ids, rows_per_prompt, compute)
         self.incremental, self.next_logprobs = [], []
         for model in self.models:
-            inc = IncrementalModel(model, compute, "value_tokens", "value_forward")
+            inc = IncrementalModel(model, compute, "w2s_tokens", "w2s_forward")
             hidden = inc.prefill(prompt_ids, rows_per_prompt, self.pad_id)
             self.incremental.append(inc)
             self.next_logprobs.append(torch.log_softmax(inc.logits(hidden), -1))
@@ -248,13 +255,13 @@ def _response_logprob_sums(model, prefixes: Prefixes, pad_id: int) -> torch.Tens
     sequences = prefixes.sequences()
     ids, mask = pad_right(sequences, pad_id)
     device = next(model.parameters()).device
-    with prefixes.compute.timed("value_forward"):
+    with prefixes.compute.timed("w2s_forward"):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
     token_lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     starts = torch.tensor([len(p) for p in prefixes.prompt_ids])
     positions = torch.arange(1, ids.shape[1])[None, :]  # position of each predicted token
     in_response = (positions >= starts[:, None]) & mask[:, 1:].bool()
-    prefixes.compute.value_tokens += int(mask.sum())
+    prefixes.compute.w2s_tokens += int(mask.sum())
     return (token_lp * in_response).sum(-1)
 
 
@@ -266,10 +273,7 @@ class RewardGuide(DecodedTextGuide):
         self.reward_model = reward_model
 
     def score_texts(self, instructions, texts, compute):
-        with compute.timed("reward_forward"):
-            scores = self.reward_model.score(instructions, texts)
-        compute.reward_calls += len(texts)
-        return torch.tensor(scores, dtype=torch.float32)
+        return torch.tensor(charge_reward(self.reward_model, instructions, texts, compute), dtype=torch.float32)
 
 
 class TokenLogProbGuide(Guide):

@@ -4,9 +4,11 @@ Stage outputs (all JSON/JSONL, written atomically: a killed run never leaves a h
     rollouts.jsonl  one line per prompt: {prompt_index, instruction, prompt_ids,
                     leaves: [{response, response_ids, ended}]}     (response_ids exclude EOS)
     labels.jsonl    one line per prompt: {prompt_index, rewards: [per leaf], best: leaf index}
-    value/          a value model folder (spi.value), with its fit report in value.json
+    value/          a value model folder (spi.value), with its fit report in value.json (what the fit
+                    cost included: examples, forward and backward tokens, epochs, seconds)
     <system>.json   {system, outputs: [{instruction, output, generator, dataset, reward}],
                     compute: {...}, mean_reward, beam_changes, boundaries}
+Rollouts and labels write their compute (``spi.compute.Compute``) beside them in ``<name>.compute.json``.
 Each output has a sidecar ``<name>.key`` holding its stage key (``spi.stages``: the table of what each
 key depends on); a stage whose output exists with the same key is skipped. A shard of a stage is the
 same function on some prompt indices with the sharded key. The loop over the stages is the flows'
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from spi.backends import backend_for
+from spi.compute import Compute, charge_reward
 from spi.config import Recipe, digest_of
 from spi.models import CausalLM
 from spi.prompts import chat_prompt_ids
@@ -187,7 +190,8 @@ def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], ou
 
 
 def label_rollouts(recipe: Recipe, rollouts: Path, out: Path, key: str | None = None) -> Path:
-    """Score every leaf with the reward model; keep the argmax leaf per prompt."""
+    """Score every leaf with the reward model; keep the argmax leaf per prompt. The reward calls and
+    tokens go to ``<out>.compute.json``."""
     out = Path(out)
     key = key or labels_key(recipe, rollouts)
     if is_done(out, key):
@@ -196,7 +200,8 @@ def label_rollouts(recipe: Recipe, rollouts: Path, out: Path, key: str | None = 
     records = read_jsonl(rollouts)
     instructions = [r["instruction"] for r in records for _ in r["leaves"]]
     responses = [leaf["response"] for r in records for leaf in r["leaves"]]
-    scores = reward.score(instructions, responses)
+    compute = Compute()
+    scores = charge_reward(reward, instructions, responses, compute)
     lines, at = [], 0
     for r in records:
         rewards = scores[at:at + len(r["leaves"])]
@@ -204,6 +209,7 @@ def label_rollouts(recipe: Recipe, rollouts: Path, out: Path, key: str | None = 
         best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
         lines.append(json.dumps({"prompt_index": r["prompt_index"], "rewards": rewards, "best": best}))
     write_atomic(out, "\n".join(lines) + "\n")
+    write_atomic(out.with_suffix(".compute.json"), json.dumps(compute.as_dict(), indent=2))
     mark_done(out, key)
     return out
 

@@ -1,5 +1,9 @@
 """Reward models behind one interface: ``score(instructions, responses) -> list[float]``.
 
+``score_counted`` also returns how many tokens the model forwarded (real tokens, its own tokenizer's;
+0 for the verifier, which runs no model); ``spi.compute.charge_reward`` scores while charging a
+``Compute`` with the calls, the tokens and the seconds: the search's and the labels' scoring use it.
+
 Backends:
 - ``llm-judge``: any causal LM asked a rubric question; the score is log P(yes) - log P(no) of its
   next token (the offline default, with SmolLM2-135M-Instruct);
@@ -48,6 +52,10 @@ class RewardModel:
     name: str
 
     def score(self, instructions: list[str], responses: list[str]) -> list[float]:
+        return self.score_counted(instructions, responses)[0]
+
+    def score_counted(self, instructions: list[str], responses: list[str]) -> tuple[list[float], int]:
+        """(one score per response, tokens the model forwarded)."""
         raise NotImplementedError
 
 
@@ -70,8 +78,8 @@ class LLMJudgeReward(RewardModel):
         return chat_prompt_ids(self.tokenizer, self.rubric.format(instruction=instruction, response=clipped))
 
     @torch.inference_mode()
-    def score(self, instructions, responses):
-        scores = []
+    def score_counted(self, instructions, responses):
+        scores, tokens = [], 0
         for s in range(0, len(responses), self.batch_size):
             prompts = [self._prompt(x, y) for x, y in zip(instructions[s:s + self.batch_size],
                                                           responses[s:s + self.batch_size], strict=True)]
@@ -90,7 +98,8 @@ class LLMJudgeReward(RewardModel):
             yes = torch.logsumexp(logprobs[:, self.yes], -1)
             no = torch.logsumexp(logprobs[:, self.no], -1)
             scores += (yes - no).tolist()
-        return scores
+            tokens += int(mask.sum())
+        return scores, tokens
 
 
 class ClassifierReward(RewardModel):
@@ -116,13 +125,14 @@ class ClassifierReward(RewardModel):
                               max_length=self.max_length, return_tensors="pt")
 
     @torch.inference_mode()
-    def score(self, instructions, responses):
-        scores = []
+    def score_counted(self, instructions, responses):
+        scores, tokens = [], 0
         for s in range(0, len(responses), self.batch_size):
             batch = self._encode(instructions[s:s + self.batch_size], responses[s:s + self.batch_size])
             batch = {k: v.to(model_device(self.model)) for k, v in batch.items()}
             scores += self.model(**batch).logits[:, 0].float().tolist()
-        return scores
+            tokens += int(batch["attention_mask"].sum())
+        return scores, tokens
 
 
 class PreferenceHeadReward(RewardModel):
@@ -141,9 +151,9 @@ class PreferenceHeadReward(RewardModel):
         self.identity = _identity("preference-head", self.backbone_name,
                                   hashlib.sha256((folder / "head.safetensors").read_bytes()).hexdigest())
 
-    def score(self, instructions, responses):
-        features = embed_pairs(self.encoder, self.tokenizer, instructions, responses, self.batch_size)
-        return (features @ self.weight + self.bias).tolist()
+    def score_counted(self, instructions, responses):
+        features, tokens = embed_pairs_counted(self.encoder, self.tokenizer, instructions, responses, self.batch_size)
+        return (features @ self.weight + self.bias).tolist(), tokens
 
 
 class VerifierReward(RewardModel):
@@ -177,7 +187,7 @@ class VerifierReward(RewardModel):
                                   sorted((p, ids, kw) for p, (ids, kw) in self.constraints.items()))
         return self
 
-    def score(self, instructions, responses):
+    def score_counted(self, instructions, responses):
         from spi.verifiers import check
 
         scores = []
@@ -189,13 +199,19 @@ class VerifierReward(RewardModel):
             verdicts = check(response, ids, kwargs, instruction)
             followed = [v.strict if self.variant == "strict" else v.loose for v in verdicts]
             scores.append(sum(followed) / len(followed) if followed else 1.0)
-        return scores
+        return scores, 0  # rules, no model
+
+
+def embed_pairs(encoder, tokenizer, instructions, responses, batch_size=16, max_length=256) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings of 'instruction [SEP] response'."""
+    return embed_pairs_counted(encoder, tokenizer, instructions, responses, batch_size, max_length)[0]
 
 
 @torch.inference_mode()
-def embed_pairs(encoder, tokenizer, instructions, responses, batch_size=16, max_length=256) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings of 'instruction [SEP] response'."""
-    out = []
+def embed_pairs_counted(encoder, tokenizer, instructions, responses, batch_size=16,
+                        max_length=256) -> tuple[torch.Tensor, int]:
+    """``embed_pairs`` and the tokens the encoder forwarded."""
+    out, tokens = [], 0
     for s in range(0, len(responses), batch_size):
         batch = tokenizer(instructions[s:s + batch_size], responses[s:s + batch_size], padding=True,
                           truncation=True, max_length=max_length, return_tensors="pt")
@@ -204,7 +220,8 @@ def embed_pairs(encoder, tokenizer, instructions, responses, batch_size=16, max_
         mask = batch["attention_mask"][..., None].float()
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        tokens += int(batch["attention_mask"].sum())
+    return (torch.cat(out) if out else torch.zeros(0)), tokens
 
 
 def train_preference_head(instructions, chosen, rejected, backbone: str, out_dir: str | Path,

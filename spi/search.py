@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from spi.compute import Compute
+from spi.compute import Compute, charge_reward
 from spi.guides import Boundary, Guide
 from spi.incremental import IncrementalModel, padded_width
 from spi.models import model_max_length
@@ -248,9 +248,7 @@ def pick_answers(instructions, texts, response_ids, values, settings, guide, rew
     rows = settings.rows
     rewards = None
     if reward_model is not None and settings.final_pick == "reward" and rows > 1:
-        with compute.timed("reward_forward"):
-            rewards = reward_model.score([x for x in instructions for _ in range(rows)], texts)
-        compute.reward_calls += len(texts)
+        rewards = charge_reward(reward_model, [x for x in instructions for _ in range(rows)], texts, compute)
     results = []
     for p, instruction in enumerate(instructions):
         group = slice(p * rows, (p + 1) * rows)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from spi.config import Recipe, digest_of
 
-CODE_VERSION = "spi-stages-1"  # bump when a stage's outputs would change for the same key
+CODE_VERSION = "spi-stages-2"  # bump when a stage's outputs would change for the same key (2: compute
+# records reward and weak-to-strong tokens, labels their compute, value fits their cost)
 
 _POLICY = ("seed", "policy")  # seed: every stage that samples or splits derives its randomness from it
 _SEARCH = ("sampling", "search", "execution.backend")  # the backend's tokens differ: it is part of the search
@@ -58,6 +59,7 @@ UNKEYED = {
     "iterations.count": "how many iterations run; each iteration's stages have keys of their own",
     "baselines.names": "which systems run, not how each decodes",
     "baselines.budget_matched_best_of_n": "whether matched Best-of-N systems run; their decodes have keys",
+    "baselines.budget_matched_unit": "which matched Best-of-N sizes run; their decodes have keys",
     "tracking": "where results are recorded, not what they are",
     "execution.workdir": "where files are written",
     "execution.threads": "torch threads: the same tokens with any count",

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spi.value_batches import batch_tensors, pad_right
+from spi.value_batches import batch_tensors, input_tokens, pad_right
 from spi.value_ridge import fit_ridge_head
 
 FORMAT_VERSION = 1
@@ -42,6 +42,12 @@ class FitReport:
     # what selection needs, while explained variance also counts between-prompt differences
     holdout_pair_accuracy: float = float("nan")
     ridge_penalty: float | None = None  # the cross-validated penalty of the ridge solver
+    # what the fit cost (the report amortises it): real tokens through the feature model (the backbone,
+    # or the policy for a head) forward (training, feature statistics, held-out evaluation, in every
+    # process) and backward (training steps), and the gradient epochs (0: the ridge solver's exact head)
+    epochs: int = 0
+    forward_tokens: int = 0
+    backward_tokens: int = 0
 
 
 POOLINGS = ("last", "last+mean")
@@ -231,24 +237,29 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
         raise ValueError("value.solver 'ridge' needs value.kind 'policy-head' (frozen features)")
     device = model.head.weight.device
     limit = train.max_length or model.max_length(policy)
+    processes = train.accelerator.num_processes if train.accelerator else 1
+    holdout_tokens = processes * input_tokens(holdout, limit)  # every process evaluates the held-out set
     if model.kind != "policy-head":
-        loss_value = train_backbone(model, fit_set, pad_id, epochs=epochs, learning_rate=learning_rate,
-                                    batch_size=batch_size, weight_decay=weight_decay, seed=seed,
-                                    progress=progress, settings=replace(train, max_length=limit))
-        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit)
+        loss_value, forward, backward = train_backbone(
+            model, fit_set, pad_id, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+            weight_decay=weight_decay, seed=seed, progress=progress, settings=replace(train, max_length=limit))
+        cost = {"epochs": epochs, "forward_tokens": forward + holdout_tokens, "backward_tokens": backward}
+        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit, cost=cost)
 
     # The head-only kind trains on frozen features: compute them once (on the policy's device).
     with torch.no_grad():
-        train_batches = []
+        train_batches, forward = [], holdout_tokens
         for s in range(0, len(fit_set), batch_size):
             chunk = fit_set[s:s + batch_size]
             ids, mask, positions, targets = batch_tensors(chunk, pad_id, device, limit)
             train_batches.append((model.features(ids, mask, policy, response_starts(chunk)).float(), positions, targets))
+            forward += int(mask.sum())
     model.set_feature_stats(torch.cat([h[w.bool()] for h, w, _ in train_batches]))
     nn.init.constant_(model.head.bias, sum(e.reward for e in fit_set) / len(fit_set))
     if solver == "ridge":
         penalty, loss_value = fit_ridge_head(model, train_batches, [ex.group for ex in fit_set], seed)
-        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, penalty, limit)
+        return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, penalty, limit,
+                       {"epochs": 0, "forward_tokens": forward})
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * len(train_batches)))
     model.train()
@@ -268,10 +279,12 @@ def fit_value(model: ValueModel, examples: list[ValueExample], pad_id: int, poli
         loss_value = total / weight
         if progress:
             progress(epoch + 1, epochs, loss_value)
-    return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit)
+    return _finish(model, holdout, pad_id, policy, fit_set, loss_value, start, max_length=limit,
+                   cost={"epochs": epochs, "forward_tokens": forward})
 
 
-def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=None, max_length=None) -> FitReport:
+def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=None, max_length=None,
+            cost=None) -> FitReport:
     import time
 
     model.eval()
@@ -279,7 +292,8 @@ def _finish(model, holdout, pad_id, policy, train, loss_value, start, penalty=No
     mse, explained, pairs = (evaluate_value(model, holdout, pad_id, policy, pairs=True, max_length=max_length)
                              if holdout else (nan, nan, nan))
     model.report = FitReport(len(train), int(sum(len(e.response_ids) + 1 for e in train)), loss_value,
-                             len(holdout), mse, explained, time.perf_counter() - start, pairs, penalty)
+                             len(holdout), mse, explained, time.perf_counter() - start, pairs, penalty,
+                             **(cost or {}))
     return model.report
 
 

@@ -4,6 +4,7 @@
     response_mask   1 at the positions a value is read and trained: the last prompt token .. the last
                     response token, V(x, y_<t) for t in 0..|y|
     batch_tensors   (ids, mask, positions, targets) of value examples on a device
+    input_tokens    how many real tokens ``batch_tensors`` gives the model for some examples
 """
 
 from __future__ import annotations
@@ -40,3 +41,8 @@ def batch_tensors(examples, pad_id: int, device, max_length: int | None = None):
     positions = response_mask(examples, ids.shape[1])
     targets = torch.tensor([e.reward for e in examples])
     return ids.to(device), mask.to(device), positions.to(device), targets.to(device)
+
+
+def input_tokens(examples, max_length: int | None = None) -> int:
+    """Real (unpadded) tokens of ``examples``' value inputs cut at ``max_length``: what one forward reads."""
+    return sum(len(value_input_ids(e.prompt_ids, e.response_ids)[:max_length]) for e in examples)

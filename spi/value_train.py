@@ -59,8 +59,9 @@ def micro_size(batch_size: int, micro_batch_size: int | None, processes: int) ->
 
 
 def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: float, batch_size: int,
-                   weight_decay: float, seed: int, progress, settings: TrainSettings) -> float:
-    """AdamW with a cosine schedule over ``epochs``; returns the last epoch's loss (all processes)."""
+                   weight_decay: float, seed: int, progress, settings: TrainSettings) -> tuple[float, int, int]:
+    """AdamW with a cosine schedule over ``epochs``; returns the last epoch's loss and the real tokens
+    forwarded and backwarded through the model, all processes together."""
     if settings.master_dtype not in MASTER_DTYPES:
         raise ValueError(f"value.master_dtype must be one of {', '.join(MASTER_DTYPES)}, not {settings.master_dtype!r}")
     accelerator = settings.accelerator
@@ -69,8 +70,10 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
     micro = micro_size(batch_size, settings.micro_batch_size, processes)
     device = accelerator.device if accelerator else model.head.weight.device
     loaded_dtype = next(model.backbone.parameters()).dtype
-    _initialise(model, train[:batch_size], pad_id, micro, settings.max_length,
-                sum(e.reward for e in train) / len(train))
+    # every process computes the statistics of the same first step
+    forwarded = processes * _initialise(model, train[:batch_size], pad_id, micro, settings.max_length,
+                                        sum(e.reward for e in train) / len(train))
+    trained = 0
     if settings.master_dtype == "float32":
         model.float()
     mixed = settings.master_dtype == "float32" and loaded_dtype != torch.float32
@@ -89,7 +92,7 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
     for epoch in range(epochs):
         order = list(range(len(train)))
         random.Random(seed + epoch).shuffle(order)
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of squared errors / 2, positions
+        total = torch.zeros(3, dtype=torch.float64, device=device)  # sum of squared errors / 2, positions, tokens
         for s in range(0, len(order), batch_size):
             step = [train[i] for i in order[s:s + batch_size]]
             total += _step(wrapped, step, rank, processes, micro, pad_id, device, settings.max_length,
@@ -100,25 +103,28 @@ def train_backbone(model, train, pad_id: int, *, epochs: int, learning_rate: flo
         if accelerator:
             total = accelerator.reduce(total, reduction="sum")
         loss_value = float(total[0] / total[1])
+        trained += int(total[2])
         if progress:
             progress(epoch + 1, epochs, loss_value)
     if settings.gradient_checkpointing:
         model.backbone.activation_checkpointing_disable()
     if settings.master_dtype == "float32":
         model.backbone.to(loaded_dtype)
-    return loss_value
+    return loss_value, forwarded + trained, trained
 
 
-def _initialise(model, first_step, pad_id, micro, max_length, mean_reward) -> None:
+def _initialise(model, first_step, pad_id, micro, max_length, mean_reward) -> int:
     """Feature statistics over the positions of the first step (in micro-batches; the same whatever the
     micro-batch and process count), then the head: the reward model's head when V starts from a reward
-    model, else a zero head at the mean reward."""
+    model, else a zero head at the mean reward. Returns the real tokens it forwarded."""
+    tokens = 0
     with torch.no_grad():
         moments = 0
         for s in range(0, len(first_step), micro):
             ids, mask, positions, _ = batch_tensors(first_step[s:s + micro], pad_id, model.head.weight.device,
                                                     max_length)
             features = model.features(ids, mask)[positions.bool()].double()
+            tokens += int(mask.sum())
             moments = moments + torch.stack([torch.ones_like(features[0]) * len(features), features.sum(0),
                                              (features ** 2).sum(0)])
         count, total, squares = moments
@@ -133,15 +139,17 @@ def _initialise(model, first_step, pad_id, micro, max_length, mean_reward) -> No
             model.head.bias.copy_(weight @ model.feature_mean + bias)
         else:
             nn.init.constant_(model.head.bias, mean_reward)
+    return tokens
 
 
 def _step(wrapped, step, rank, processes, micro, pad_id, device, max_length, autocast, accelerator):
-    """Accumulate this process's share of one optimizer step's gradient; return [sse / 2, positions]."""
+    """Accumulate this process's share of one optimizer step's gradient; return [sse / 2, positions,
+    real tokens forwarded and backwarded]."""
     share = math.ceil(len(step) / processes)
     mine = step[rank * share:(rank + 1) * share]
     micro_batches = math.ceil(share / micro)  # the same count on every process (collectives match)
     step_positions = sum(counted_positions(e, max_length) for e in step)
-    out = torch.zeros(2, dtype=torch.float64, device=device)
+    out = torch.zeros(3, dtype=torch.float64, device=device)
     for m in range(micro_batches):
         chunk = mine[m * micro:(m + 1) * micro]
         last = m == micro_batches - 1
@@ -160,7 +168,8 @@ def _step(wrapped, step, rank, processes, micro, pad_id, device, max_length, aut
                 accelerator.backward(loss)
             else:
                 loss.backward()
-        out += torch.stack([0.5 * sse.detach().double(), positions.sum().double()])
+        real = mask.sum().double() if chunk else torch.zeros((), dtype=torch.float64, device=device)
+        out += torch.stack([0.5 * sse.detach().double(), positions.sum().double(), real.to(device)])
     return out
 
 

@@ -64,9 +64,9 @@ def test_budget_matched_best_of_n_and_the_report(experiment):
         (name, bon), = [(n, r) for n, r in rows.items() if f"spi-{k}" in (r.get("matches") or "").split(", ")]
         assert int(name.split(":")[1]) > 4  # more rows than the search's W*K: training costs tokens
         per_leaf = spi["generated_tokens"] / (6 * 4)
-        assert abs(bon["tokens_per_instruction"] - spi["tokens_per_instruction"]) <= per_leaf
-        assert spi["training_tokens"] > 0 and bon["training_tokens"] == 0
-    assert rows["spi-2"]["training_tokens"] > rows["spi-1"]["training_tokens"]
+        assert abs(bon["generated_tokens_per_instruction"] - spi["generated_tokens_per_instruction"]) <= per_leaf
+        assert spi["training_generated_tokens"] > 0 and bon["training_generated_tokens"] == 0
+    assert rows["spi-2"]["training_generated_tokens"] > rows["spi-1"]["training_generated_tokens"]
     pairs = {(p["system"], p["against"]) for p in full["paired"]}
     assert ("spi-1", max(("base-greedy", "base-sampled"), key=lambda n: rows[n]["win_rate"])) in pairs
     assert all(-100 <= p["ci_low"] <= p["mean_difference"] <= p["ci_high"] <= 100 for p in full["paired"])
@@ -114,8 +114,19 @@ def test_mlflow_runs_metrics_and_artifacts(experiment):
         "seconds_labels",
         "seconds_value",
         "seconds_decode",
+        "forward_tokens_per_instruction",  # the compute the report charges, by model
+        "value_fit_tokens_per_instruction",
+        "reward_tokens_per_instruction",
+        "training_forward_tokens",
+        "labels_reward_tokens",
+        "value_forward_tokens",
     ):
         assert key in spi1["metrics"], key
+    # a policy-head value: the fit forwards the policy over its examples, nothing backward; labels use
+    # the reward model's tokens
+    assert spi1["metrics"]["value_forward_tokens"] > 0 and spi1["metrics"]["value_backward_tokens"] == 0
+    assert spi1["metrics"]["labels_reward_tokens"] > 0
+    assert spi1["metrics"]["forward_tokens_per_instruction"] > spi1["metrics"]["generated_tokens_per_instruction"]
     assert (
         spi1["metrics"]["win_rate_ci_low"]
         <= spi1["metrics"]["win_rate"]

@@ -40,7 +40,7 @@ def test_a_registered_toy_baseline_runs_through_the_experiment(toy, tmp_path):
     out = run_plain(str(TINY), SETTINGS, str(tmp_path))
     assert set(out["systems"]) == {"base-greedy", "toy-greedy-3", "spi-1"}
     row = out["systems"]["toy-greedy-3"]
-    assert row["iteration"] is None and row["training_tokens"] == 0  # reads no value model
+    assert row["iteration"] is None and row["training_generated_tokens"] == 0  # reads no value model
     assert out["stages"]["eval/decode-toy-greedy-3"] == "computed"
     assert out["stages"]["eval/judge-toy-greedy-3"] == "computed"
     assert "toy-greedy-3" in Path(out["report"]).read_text()
