@@ -83,3 +83,11 @@ def test_ifeval_recipes_and_the_first_iteration_default():
         assert r.prompts.train == "generated:train" and r.evaluation.eval_set == "generated:heldout"
     cpu = load_recipe("ifeval-cpu")
     assert set(cpu.baselines.names) >= {"best-of-n", "blockwise-cd"} and cpu.baselines.budget_matched_best_of_n
+
+
+def test_matching_best_of_n_on_forward_tokens_needs_the_best_of_n_baseline():
+    cpu = load_recipe("spi/recipes/cpu.yaml")
+    forward = {"budget_matched_best_of_n": True, "budget_matched_unit": "forward_tokens"}
+    assert cpu.with_overrides({"baselines": forward}).baselines.budget_matched_unit == "forward_tokens"
+    with pytest.raises(RecipeError, match="budget_matched_unit 'forward_tokens' needs 'best-of-n' in baselines.names"):
+        cpu.with_overrides({"baselines": {**forward, "names": ["base-sampled"]}})

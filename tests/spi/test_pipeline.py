@@ -60,10 +60,12 @@ def test_weak_to_strong_and_args_baselines_decode(tmp_path):
     pair = (CausalLM.load("tiny-llama"), CausalLM.load("tiny-llama-b"))
     w2s = json.loads(decode_system(recipe, "weak-to-strong", [], prompts, tmp_path / "w2s.json",
                                    w2s_models=pair, progress=False).read_text())
-    assert w2s["compute"]["value_tokens"] > 0 and w2s["boundaries"] > 0
+    # the pair's tokens are the weak-to-strong pair's, not a value model's
+    assert w2s["compute"]["w2s_tokens"] > 0 and w2s["compute"]["value_tokens"] == 0 and w2s["boundaries"] > 0
     args = json.loads(decode_system(recipe, "args", [], prompts, tmp_path / "args.json", progress=False).read_text())
     # ARGS scores every candidate prefix with the reward model at every token
     assert args["compute"]["reward_calls"] >= 2 * 3 * 3
+    assert args["compute"]["reward_tokens"] > args["compute"]["reward_calls"]  # every call reads its tokens
     assert len(args["outputs"]) == 2 and all(isinstance(o["output"], str) for o in args["outputs"])
 
 

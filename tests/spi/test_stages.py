@@ -17,7 +17,8 @@ SPECIAL = {"baselines.names": ["args"], "value.kind": "backbone", "value.solver"
 BACKBONE = {"kind": "backbone", "backbone": "tiny-llama", "solver": "adam"}
 COMPANION = {"value.kind": {"backbone": "tiny-llama", "solver": "adam"}, "value.device": BACKBONE,
              "value.processes": BACKBONE, "value.init_from_reward": BACKBONE,
-             "evaluation.task": {"eval_set": "generated:heldout"}}
+             "evaluation.task": {"eval_set": "generated:heldout"},
+             "baselines.budget_matched_unit": {"names": ["base-greedy", "best-of-n"]}}
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:

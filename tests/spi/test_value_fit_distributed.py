@@ -44,6 +44,10 @@ def test_two_processes_train_the_same_head_as_one(tmp_path):
     assert moved > 1e-4  # the backbone trained, in both
     assert torch.allclose(weight, dict(one.backbone.named_parameters())[name], atol=1e-5)
     assert two.report.train_sequences == len(examples)
+    # the cost counts both processes: the same training tokens; each computed the first step's statistics
+    first_step = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples[:FIT["batch_size"]])
+    assert two.report.backward_tokens == one.report.backward_tokens > 0
+    assert two.report.forward_tokens == one.report.forward_tokens + first_step
 
 
 def test_micro_batches_accumulate_to_the_full_batch():
