@@ -355,12 +355,16 @@ def _value_fits(iterations: list[dict]) -> list[str]:
     out = ["", "## Value fits (held-out prompts)", "",
             "Explained variance counts differences between prompts; pair accuracy is what selection needs: "
             "how often V ranks two leaves of one prompt as the reward does (0.5 = no signal).", "",
-            "| iteration | rollout reward mean | best of leaves | held-out EV | pair accuracy | ridge penalty |",
-            "|---|---|---|---|---|---|"]
+            "| iteration | rollout reward mean | best of leaves | held-out EV | pair accuracy | ridge penalty "
+            "| fit: examples | epochs | tokens forward | tokens backward | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for it in iterations:
         stats, rep = it["labels"]["stats"], it["value"]["report"]
         out.append(f"| {it['iteration']} | {_num(stats.get('reward_mean'), '.4f')} "
                    f"| {_num(stats.get('reward_best_mean'), '.4f')} "
                    f"| {_num(rep.get('holdout_explained_variance'), '.3f')} "
-                   f"| {_num(rep.get('holdout_pair_accuracy'), '.3f')} | {_num(rep.get('ridge_penalty'), '.3g')} |")
+                   f"| {_num(rep.get('holdout_pair_accuracy'), '.3f')} | {_num(rep.get('ridge_penalty'), '.3g')} "
+                   f"| {_num(rep.get('train_sequences'), 'd')} | {_num(rep.get('epochs'), 'd')} "
+                   f"| {_num(rep.get('forward_tokens'), 'd')} | {_num(rep.get('backward_tokens'), 'd')} "
+                   f"| {_num(rep.get('seconds'), '.1f')} |")
     return out

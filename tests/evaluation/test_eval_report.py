@@ -149,3 +149,14 @@ def test_the_report_names_the_unit_of_each_comparison(tmp_path):
     assert lines[-1] == lines[table_end + 2]
     generated_only = _alpaca_sections(rows[:2], [])
     assert any(line.endswith("every comparison is at each system's own compute.") for line in generated_only)
+
+
+def test_the_value_fits_table_shows_what_each_fit_cost(iterations):
+    from evaluation.report import _value_fits
+
+    for it in iterations:
+        it["labels"]["stats"] = {"reward_mean": 0.1, "reward_best_mean": 0.2}
+        it["value"]["report"].update(train_sequences=32, seconds=1.25)
+    lines = _value_fits(iterations)
+    assert "| fit: examples | epochs | tokens forward | tokens backward | seconds |" in lines[5]
+    assert lines[-1].endswith("| n/a | 32 | 3 | 9000 | 8000 | 1.2 |")
