@@ -124,7 +124,7 @@ class Arms:
         parts = {p: c.seconds.get(p, 0.0) for p in PARTS}
         parts["other"] = max(0.0, seconds - sum(parts.values()))
         return {"seconds": seconds, "cpu_seconds": cpu, "generated_tokens": c.generated_tokens, "policy_tokens": c.policy_tokens,
-                "value_tokens": c.value_tokens, "value_calls": c.value_calls, "reward_calls": c.reward_calls,
+                "value_tokens": c.value_tokens, "w2s_tokens": c.w2s_tokens, "value_calls": c.value_calls, "reward_calls": c.reward_calls,
                 "parts": parts, "ids": [r.response_ids for r in out.results]}
 
     def _hf_generate(self, instructions) -> dict:
@@ -152,7 +152,8 @@ class Arms:
         parts["policy_forward"] = timer.seconds
         parts["other"] = max(0.0, seconds - timer.seconds)
         return {"seconds": seconds, "cpu_seconds": cpu, "generated_tokens": generated, "policy_tokens": generated + ids.numel() * c.rows,
-                "value_tokens": 0, "value_calls": 0, "reward_calls": 0, "parts": parts, "ids": None}
+                "value_tokens": 0, "w2s_tokens": 0, "value_calls": 0, "reward_calls": 0, "parts": parts,
+                "ids": None}
 
 
 def _random_head(value_model, seed: int):

@@ -82,6 +82,7 @@ def run_decode_bench(config: DecodeBenchConfig, log=print) -> dict:
         out_arms[name] = {
             "seconds": seconds, "tokens_per_s": tokens / seconds, "generated_tokens": tokens,
             "policy_tokens": rs[0]["policy_tokens"], "value_tokens": rs[0]["value_tokens"],
+            "w2s_tokens": rs[0]["w2s_tokens"],
             "value_calls": rs[0]["value_calls"], "reward_calls": rs[0]["reward_calls"],
             "value_tokens_per_generated": rs[0]["value_tokens"] / tokens if tokens else 0.0,
             "breakdown_s": parts, "breakdown_fraction": {p: v / seconds for p, v in parts.items()},
@@ -200,7 +201,7 @@ def format_table(result: dict) -> str:
     head = (f"{result['model']} {m['dtype']}, {m['threads']} threads of {m['cores']} cores ({m['cpu_capability']}), "
             f"torch {m['torch']}; {result['prompts']} prompts x {result['rows_per_prompt']} rows x "
             f"{result['tokens_per_row']} tokens; matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s")
-    cols = ["arm", "tok/s", "x sampl", "x sampl cpu", "x HF", "x HF cpu", "val tok", "fwd%", "val%", "samp%", "reord%", "sel%", "dec%", "other%",
+    cols = ["arm", "tok/s", "x sampl", "x sampl cpu", "x HF", "x HF cpu", "scorer tok", "fwd%", "val%", "samp%", "reord%", "sel%", "dec%", "other%",
             "RSS MB"]
     rows = []
     for name, a in result["arms"].items():
@@ -214,7 +215,7 @@ def format_table(result: dict) -> str:
 
         rows.append([name, f"{a['tokens_per_s']:.1f}", ratio(a["ratio_to_sampling"]), ratio(a["ratio_to_sampling_cpu"]),
                      ratio(a["ratio_to_hf_generate"]), ratio(a["ratio_to_hf_generate_cpu"]),
-                     str(a["value_tokens"]), pct("policy_forward"), pct("value_forward"), pct("sampling"), pct("cache_reorder"),
+                     str(a["value_tokens"] + a["w2s_tokens"]), pct("policy_forward"), pct("value_forward"), pct("sampling"), pct("cache_reorder"),
                      pct("selection"), pct("text_decode"), pct("other"),
                      "-" if a["peak_rss_mb"] is None else f"{a['peak_rss_mb']:.0f}"])
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
