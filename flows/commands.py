@@ -197,6 +197,7 @@ def cmd_run(args) -> int:
             },
             "task": summary["task"],
             "first_iteration": summary["first_iteration"],
+            "later_iterations": summary.get("later_iterations"),
             "paired": summary["paired"],
             "value_fits": {k: {m: _finite(rep.get(m)) for m in ("holdout_pair_accuracy", "holdout_explained_variance")}
                            for k, rep in summary["value_fits"].items()},

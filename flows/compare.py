@@ -116,16 +116,21 @@ def report_head(ctx: RunContext, judge: str, run_id: str, paired: list[dict]) ->
             "interval holds 0)." if paired else ""
         )
         scoring = f"Judge: `{judge}`"
-    first = ("all W*K samples of pi_0 (V_1 is the value of pi_0)" if r.value.first_iteration == "policy-samples"
+    v = r.value
+    draws = v.samples_per_prompt or "W*K"
+    first = (f"all {draws} samples of pi_0 (V_1 is the value of pi_0)" if v.first_iteration == "policy-samples"
              else "the highest-reward leaf of each prompt (the source code's choice)")
+    later = (f"{draws} independent draws per prompt of the guided policy pi_(k-1) (V_k is its value)"
+             if v.later_iterations == "policy-samples" else
+             f"{'all leaves' if v.fit_on == 'all' else 'the highest-reward leaf'} of pi_(k-1)'s beam search per "
+             f"prompt (value.fit_on: {v.fit_on})")
     return [
         f"# SPI experiment `{r.name}` ({r.digest})",
         "",
         f"{scoring}; reward model (used for training, not for judging): `{ctx.reward_name}`.",
         f"MLflow: `{ctx.tracking_uri}`, experiment `{ctx.experiment}`, run `{run_id}`.",
-        f"V_1 fitted on {first} (value.first_iteration: {r.value.first_iteration}); V_k for k >= 2 on "
-        f"{'all leaves' if r.value.fit_on == 'all' else 'the highest-reward leaf per prompt'} (value.fit_on: "
-        f"{r.value.fit_on}).",
+        f"V_1 fitted on {first} (value.first_iteration: {v.first_iteration}); V_k for k >= 2 on {later} "
+        f"(value.later_iterations: {v.later_iterations}).",
         "",
         verdict,
     ]

@@ -65,10 +65,18 @@ class ValueConfig(Section):
     backbone: str | None = Field(None, description="backbone kind: model name; same tokenizer as the policy")
     lora_rank: int = Field(0, ge=0, description="backbone kind: 0 = full fine-tune, >0 = LoRA rank")
     fit_on: Literal["best", "all"] = Field(
-        "best", description="leaves V_k (k >= 2) is fitted on: argmax-r per prompt (IRO) or all")
+        "best", description="value.later_iterations search-leaves: the leaves V_k (k >= 2) is fitted on, "
+                            "argmax-r per prompt (IRO) or all")
     first_iteration: Literal["policy-samples", "best-leaf"] = Field(
         "policy-samples", description="V_1's leaves: all W*K samples of pi_0 (V_1 is the value of pi_0, as the "
                                       "theory states) or the argmax-r leaf per prompt (the source code's choice)")
+    later_iterations: Literal["policy-samples", "search-leaves"] = Field(
+        "policy-samples", description="V_k's rollouts (k >= 2): independent draws of the guided policy pi_{k-1} "
+                                      "(chunks drawn in proportion to pi_0 * exp(sum V_i / beta_i); V_k is the value "
+                                      "of pi_{k-1}) or the W*K leaves of pi_{k-1}'s beam search (the source code's "
+                                      "choice; value.fit_on then picks among them)")
+    samples_per_prompt: int | None = Field(
+        None, ge=1, description="policy-samples: draws of pi_{k-1} per training prompt; null = W*K")
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from spi.compute import Compute, charge_reward
 from spi.config import Recipe, digest_of
 from spi.models import CausalLM
 from spi.prompts import chat_prompt_ids
+from spi.search import SearchSettings
 from spi.reward import load_reward
 from spi.stagefiles import (
     is_done,
@@ -155,29 +157,65 @@ def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices
     policy = load_policy(recipe)
     instructions = train_instructions(recipe, iteration)
     indices = list(range(len(instructions))) if indices is None else list(indices)
-    system = rollout_system(iteration)
-    settings, guide = system_plan(system, recipe, policy, load_value_models(recipe, value_dirs))
-    chosen = [instructions[i] for i in indices]
-    seeds = [seed_for(recipe.seed, "rollout", iteration, i) for i in indices]
+    settings, guide = system_plan(rollout_system(iteration), recipe, policy, load_value_models(recipe, value_dirs))
+    settings, draws = rollout_plan(recipe, iteration, settings)
+    chosen = [instructions[i] for i in indices for _ in range(draws)]
+    seeds = [seed_for(recipe.seed, "rollout", iteration, i, *([d] if draws > 1 else [])) for i in indices
+             for d in range(draws)]
     result = backend_for(recipe).search(policy, chosen, seeds, settings, guide, reward_model=None, progress=progress)
     rows = []
-    for i, instruction, r in zip(indices, chosen, result.results, strict=True):
-        leaves = [{"response": text, "response_ids": ids, "ended": len(ids) < settings.max_new_tokens}
-                  for text, ids in zip(r.responses, r.response_ids, strict=True)]
-        rows.append({"prompt_index": i, "instruction": instruction,
-                     "prompt_ids": chat_prompt_ids(policy.tokenizer, instruction), "leaves": leaves})
+    for j, i in enumerate(indices):
+        searches = result.results[j * draws:(j + 1) * draws]
+        if draws == 1:  # the search's leaves are the rollouts
+            picked = [(r, leaf) for r in searches for leaf in range(len(r.responses))]
+        else:  # one leaf per draw, itself drawn like every chunk before it
+            picked = [(r, draw_leaf(r.leaf_values, seed)) for r, seed in
+                      zip(searches, seeds[j * draws:(j + 1) * draws], strict=True)]
+        leaves = [{"response": r.responses[leaf], "response_ids": r.response_ids[leaf],
+                   "ended": len(r.response_ids[leaf]) < settings.max_new_tokens} for r, leaf in picked]
+        rows.append({"prompt_index": i, "instruction": instructions[i],
+                     "prompt_ids": chat_prompt_ids(policy.tokenizer, instructions[i]), "leaves": leaves})
     return rows, result.compute.as_dict()
 
 
 def rollout_system(iteration: int) -> str:
-    """The system whose search makes iteration k's rollouts: pi_0 sampling W*K leaves, then spi-(k-1)."""
+    """The policy iteration k samples: pi_0 (plain sampling) for k = 1, else spi-(k-1)'s guided search."""
     return f"spi-{iteration - 1}" if iteration > 1 else "best-of-n"
+
+
+def rollout_plan(recipe: Recipe, iteration: int, settings: SearchSettings) -> tuple[SearchSettings, int]:
+    """(search settings, searches per prompt) of iteration k's rollouts, given the rollout system's settings.
+
+    policy-samples (the theory: V_k is the value of pi_{k-1}, fitted on its samples) draws N = value.
+    samples_per_prompt (default W*K) independent samples of pi_{k-1} per prompt. For k = 1 they are N rows
+    of plain sampling. For k >= 2 each draw is its own search of width 1: at every chunk boundary one of K
+    candidates is drawn with probability proportional to exp(sum V_i / beta_i), which samples chunks from
+    pi_0 * exp(sum V_i / beta_i) as K grows, the guided policy the theory defines (the beam search keeps the
+    top W instead, and its W*K leaves share prefixes). This costs N*K rows per prompt instead of W*K.
+    Otherwise (best-leaf / search-leaves, the source code's choice) the rollouts are the search's W*K leaves.
+    """
+    value = recipe.value
+    if iteration == 1:
+        if value.first_iteration != "policy-samples" or value.samples_per_prompt is None:
+            return settings, 1
+        return replace(settings, width=1, successors=value.samples_per_prompt), 1
+    if value.later_iterations != "policy-samples":
+        return settings, 1
+    draws = value.samples_per_prompt or settings.rows
+    return replace(settings, width=1, selection="stochastic", selection_temperature=1.0, final_pick="value"), draws
+
+
+def draw_leaf(values: list[float], seed: int) -> int:
+    """A leaf index drawn with probability proportional to exp(value) (Gumbel-max, seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    gumbel = -torch.log(-torch.log(torch.rand(len(values), generator=generator, dtype=torch.float64)))
+    return int(torch.argmax(torch.tensor(values, dtype=torch.float64) + gumbel))
 
 
 def generate_rollouts(recipe: Recipe, iteration: int, value_dirs: list[Path], out: Path,
                       progress: bool = True, key: str | None = None, indices=None) -> Path:
-    """Iteration 1 samples W*K leaves per prompt from pi_0; later ones run CBS with V_1..V_{k-1}.
-    ``indices``: only these prompts of the slice (a shard); ``key``: default the unsharded stage's."""
+    """Iteration k's rollouts: samples of pi_{k-1} (pi_0 for k = 1, else guided by V_1..V_{k-1}), as
+    rollout_plan sets them. ``indices``: only these prompts of the slice (a shard); ``key``: default the unsharded stage's."""
     out = Path(out)
     key = key or rollouts_key(recipe, iteration, value_dirs)
     if is_done(out, key):
@@ -226,11 +264,12 @@ def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int) -> li
 
 
 def fit_leaves(recipe: Recipe, iteration: int) -> str:
-    """The leaves V_k is fitted on ("all" or "best"): V_1 by value.first_iteration (policy-samples: all
-    W*K samples of pi_0, so V_1 is the value of pi_0; best-leaf: argmax-r per prompt), later V_k by fit_on."""
+    """The leaves V_k is fitted on ("all" or "best"): every draw of pi_{k-1} when the rollouts are policy
+    samples (V_k is then the value of pi_{k-1}); the argmax-r leaf per prompt for value.first_iteration
+    best-leaf; value.fit_on among the search's leaves for value.later_iterations search-leaves."""
     if iteration == 1:
         return "all" if recipe.value.first_iteration == "policy-samples" else "best"
-    return recipe.value.fit_on
+    return "all" if recipe.value.later_iterations == "policy-samples" else recipe.value.fit_on
 
 
 def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path, out: Path,

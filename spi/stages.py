@@ -32,9 +32,10 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("rollouts", (*_POLICY, *_SEARCH, "prompts", "iterations.prompts_per_iteration", "iterations.betas"),
+    Stage("rollouts", (*_POLICY, *_SEARCH, "prompts", "iterations.prompts_per_iteration", "iterations.betas",
+                      "value.first_iteration", "value.later_iterations", "value.samples_per_prompt"),
           ("iteration", "value_models", "layout"),
-          "W*K leaves per training prompt of iteration k: pi_0 samples (k = 1) or spi-(k-1)'s search"),
+          "the rollouts of iteration k: draws of pi_{k-1} or the leaves of its search (spi.pipeline.rollout_plan)"),
     Stage("labels", ("reward",), ("rollouts", "layout"), "every leaf scored by the reward model"),
     Stage("value", (*_POLICY, "value"), ("iteration", "rollouts", "labels"), "V_k fitted afresh"),
     Stage("eval-set", ("seed", "evaluation.task", "evaluation.eval_set", "evaluation.n_instructions",

@@ -57,6 +57,7 @@ def test_plain_run_scores_every_system_by_the_verifiers(tmp_path):
     assert all("holdout_pair_accuracy" in fit for fit in summary["value_fits"].values())
     report = Path(summary["report"]).read_text()
     assert "prompt strict" in report and "value.first_iteration: policy-samples" in report
+    assert "value.later_iterations: policy-samples" in report
     assert "Strict accuracy per constraint kind" in report
     plots = {p.name for p in (tmp_path / "tiny").glob("report-*-plots/*.png")}
     assert plots == {"prompt-level-strict-acc-vs-iteration.png", "prompt-level-strict-acc-vs-compute.png"}
@@ -70,6 +71,7 @@ def test_spi_run_summary_json_and_mlflow_child_runs(new_workdir):
     assert run_cli("run", TINY, "--workdir", new_workdir, "--summary-json", summary_file, *args) == 0
     summary = json.loads(summary_file.read_text())
     assert summary["task"] == "ifeval" and summary["first_iteration"] == "policy-samples"
+    assert summary["later_iterations"] == "policy-samples"
     for name, row in summary["systems"].items():
         assert set(METRICS) <= set(row["metrics"]), name
         assert all(0 <= row["metrics"][m] <= 100 for m in METRICS)

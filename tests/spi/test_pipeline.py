@@ -117,15 +117,18 @@ def test_best_of_first_n_equals_best_of_n_decoded_directly(tmp_path):
         best_of_n_rows("best-of-n:x", 4)
 
 
-@pytest.mark.parametrize("first, fit_on, expected", [("policy-samples", "best", (16, 4)),
-                                                      ("best-leaf", "all", (4, 16))])
-def test_first_iteration_fits_v1_on_all_policy_samples_or_the_best_leaf(tmp_path, first, fit_on, expected):
-    """V_1 sees all W*K leaves of a prompt (policy-samples) or one (best-leaf); V_2 follows value.fit_on."""
+@pytest.mark.parametrize("first, later, fit_on, expected", [("policy-samples", "search-leaves", "best", (16, 4)),
+                                                             ("best-leaf", "search-leaves", "all", (4, 16)),
+                                                             ("best-leaf", "policy-samples", "best", (4, 16))])
+def test_each_iteration_fits_on_policy_samples_or_the_searchs_leaves(tmp_path, first, later, fit_on, expected):
+    """V_1 sees all W*K leaves of a prompt (policy-samples) or one (best-leaf); V_2 every draw of pi_1
+    (policy-samples) or the search's leaves that value.fit_on picks (search-leaves)."""
     from spi.pipeline import fit_value_stage
     from spi.stagefiles import write_jsonl
     from spi.value import load_value_model
 
-    recipe = _tiny_recipe(tmp_path, {"value": {"first_iteration": first, "fit_on": fit_on, "holdout_fraction": 0.0}})
+    recipe = _tiny_recipe(tmp_path, {"value": {"first_iteration": first, "later_iterations": later, "fit_on": fit_on,
+                                               "holdout_fraction": 0.0}})
     rollouts, labels = tmp_path / "rollouts.jsonl", tmp_path / "labels.jsonl"
     write_jsonl(rollouts, [{"prompt_index": p, "instruction": f"p{p}", "prompt_ids": [5 + p, 6, 7],
                             "leaves": [{"response": "", "response_ids": [10 + j, 11 + p], "ended": j % 2 == 0}
@@ -134,3 +137,50 @@ def test_first_iteration_fits_v1_on_all_policy_samples_or_the_best_leaf(tmp_path
     seen = [load_value_model(fit_value_stage(recipe, k, rollouts, labels, tmp_path / f"value-{k}")).report.train_sequences
             for k in (1, 2)]
     assert tuple(seen) == expected
+
+
+def test_rollout_plan_draws_the_guided_policy_or_keeps_the_search(tmp_path):
+    """Iteration k >= 2 under policy-samples: N searches of width 1 per prompt, each chunk and the final leaf
+    drawn (not the argmax); search-leaves and iteration 1 without samples_per_prompt keep the search as it is."""
+    from spi.pipeline import rollout_plan
+    from spi.search import SearchSettings
+
+    base = SearchSettings(width=2, successors=2, chunk_length=4, max_new_tokens=8)
+    recipe = _tiny_recipe(tmp_path)
+    assert rollout_plan(recipe, 1, base) == (base, 1)
+    settings, draws = rollout_plan(recipe, 2, base)
+    assert draws == 4 and (settings.width, settings.successors, settings.rows) == (1, 2, 2)
+    assert settings.selection == "stochastic" and settings.selection_temperature == 1.0
+    assert settings.final_pick == "value"
+    assert rollout_plan(_tiny_recipe(tmp_path, {"value": {"later_iterations": "search-leaves"}}), 2, base) == (base, 1)
+    sampled = _tiny_recipe(tmp_path, {"value": {"samples_per_prompt": 6}})
+    settings, draws = rollout_plan(sampled, 1, base)
+    assert draws == 1 and (settings.width, settings.successors) == (1, 6)  # six rows of plain sampling
+    assert rollout_plan(sampled, 3, base)[1] == 6
+
+
+def test_draw_leaf_is_seeded_and_proportional_to_exp_value():
+    from spi.pipeline import draw_leaf
+
+    values = [0.0, 1.0986, -30.0]  # exp: 1, 3, ~0
+    assert draw_leaf(values, 7) == draw_leaf(values, 7)
+    picks = [draw_leaf(values, seed) for seed in range(4000)]
+    assert picks.count(2) == 0
+    assert abs(picks.count(1) / len(picks) - 0.75) < 0.03
+
+
+def test_later_rollouts_are_one_leaf_per_independent_draw(tmp_path):
+    """spi-1's rollouts under policy-samples: W*K draws per prompt, each its own seeded search, so the draws
+    differ; the same call gives the same draws; search-leaves gives the beam search's W*K leaves instead."""
+    recipe = _tiny_recipe(tmp_path)
+    run_spi(recipe, tmp_path / "run", heldout_instructions(recipe, 2), ["spi-1"], progress=False)
+    value_dir = tmp_path / "run" / "iteration-1" / "value"
+    out = generate_rollouts(recipe, 2, [value_dir], tmp_path / "draws.jsonl", progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["leaves"]) == 4 for r in rows)
+    assert all(len({tuple(leaf["response_ids"]) for leaf in r["leaves"]}) > 1 for r in rows)
+    again = generate_rollouts(recipe, 2, [value_dir], tmp_path / "again.jsonl", progress=False)
+    assert again.read_text() == out.read_text()
+    beams = _tiny_recipe(tmp_path, {"value": {"later_iterations": "search-leaves"}})
+    leaves = generate_rollouts(beams, 2, [value_dir], tmp_path / "leaves.jsonl", progress=False)
+    assert leaves.read_text() != out.read_text()
