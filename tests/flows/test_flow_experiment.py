@@ -330,10 +330,15 @@ def test_changed_setting_recomputes_only_what_depends_on_it(experiment, tmp_path
     assert run_cli("run", TINY, "--workdir", workdir, "--set", "value.epochs=4", "--summary-json", out) == 0
     stages = json.loads(out.read_text())["stages"]
     assert stages["iteration-1/rollouts"] == "cached" and stages["iteration-1/labels"] == "cached"
+    # stage files are content-addressed: labels are recomputed only if the new V_1's rollouts differ
+    # (a slightly different V_1 can select and draw the same leaves)
+    rollouts = sorted((workdir / "tiny" / "iteration-2").glob("rollouts-*.jsonl"))
+    assert len(rollouts) == 2
+    same = rollouts[0].read_text() == rollouts[1].read_text()
+    assert stages["iteration-2/labels"] == ("cached" if same else "computed")
     for stage in (
         "iteration-1/value",
         "iteration-2/rollouts",
-        "iteration-2/labels",
         "iteration-2/value",
         "eval/decode-spi-1",
         "eval/decode-spi-2",
