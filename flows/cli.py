@@ -1,6 +1,7 @@
 """The ``spi`` command. Each area registers its own subcommands; this file only dispatches.
 
     spi run RECIPE            the experiment flow (flows.commands)
+    spi prepare-prompts ...   a recipe's training prompts from a preference dataset (flows.prompt_commands)
     spi eval ...              AlpacaEval scoring, judges (evaluation.cli)
     spi bench ...             decoding, fitting, bf16-kernel and orchestration benchmarks (flows.bench)
     spi up | down | status    the local services (flows.stack.commands)
@@ -14,7 +15,8 @@ import os
 import sys
 
 # Each module exposes add_commands(subparsers); a missing module just means its commands are absent.
-COMMAND_MODULES = ("flows.commands", "evaluation.cli", "flows.bench", "flows.stack.commands")
+COMMAND_MODULES = ("flows.commands", "flows.prompt_commands", "evaluation.cli", "flows.bench",
+                   "flows.stack.commands")
 
 OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

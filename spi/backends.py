@@ -16,6 +16,30 @@ class BackendUnavailable(RuntimeError):
 _ENGINES: dict = {}  # (model, engine kwargs) -> vllm.LLM, built once per process
 
 
+def release_engines() -> int:
+    """Drop this process's vLLM engines and free their GPU memory (the value fit needs those devices);
+    the next search builds its engine again. Returns how many were dropped."""
+    dropped = len(_ENGINES)
+    if not dropped:
+        return 0
+    _ENGINES.clear()
+    import gc
+
+    gc.collect()
+    try:  # vLLM keeps its tensor-parallel group alive past the engine: tear it down as its docs show
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except ImportError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dropped
+
+
 class TransformersBackend:
     """The default: ``spi.search.search`` (CBS with a reordered KV cache) on a transformers model."""
 
@@ -94,5 +118,5 @@ def backend_for(recipe):
     if name not in BACKENDS:
         raise ValueError(f"unknown generation backend '{name}' (known: {', '.join(BACKENDS)})")
     if name == "vllm":
-        return VLLMBackend(dtype=recipe.policy.dtype)
+        return VLLMBackend(dtype=recipe.policy.dtype, tensor_parallel_size=recipe.execution.tensor_parallel_size)
     return BACKENDS[name]()

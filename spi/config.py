@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
+
+
+class RecipeWarning(UserWarning):
+    """A valid recipe with a setting that is probably not what its author meant."""
 
 
 class RecipeError(ValueError):
@@ -40,6 +45,9 @@ class PolicyConfig(Section):
     model: str = Field("smollm2-135m-instruct", description="built-in alias, local folder or hub id")
     dtype: DTYPE = "float32"
     device: str = Field("cpu", description="torch device of the policy, e.g. cpu, cuda, cuda:1")
+    system_message: str | None = Field(
+        None, description="a system turn before each instruction; null = none ('' = an empty system turn, as "
+                          "IRO's Llama-3 prompts)")
 
 
 class RewardConfig(Section):
@@ -177,8 +185,11 @@ class BaselineConfig(Section):
                              description="baseline systems (spi.systems.baseline_names(): the registered ones)")
     weak_to_strong_tuned: str | None = None
     weak_to_strong_untuned: str | None = None
-    args_weight: float = 1.0
-    args_top_k: int = Field(10, ge=1)
+    args_weight: float = Field(1.0, description="ARGS: w of log p(token) + w * reward(prefix)")
+    args_proposal: Literal["topk", "sampled"] = Field(
+        "topk", description="ARGS: the k most likely tokens (the ARGS paper), or k tokens sampled from the "
+                            "temperature/top-k/top-p warped distribution, scored with log p_warped (IRO's code)")
+    args_candidates: int = Field(10, ge=1, description="ARGS: candidate tokens per step (k)")
     budget_matched_best_of_n: bool = Field(
         False,
         description="also run best-of-n:N_k with N_k matching spi-k's budget_matched_unit, training included",
@@ -250,6 +261,14 @@ class ExecutionConfig(Section):
     dask_address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     shard_prompts: int = Field(64, ge=1, description="prompts per shard (one Prefect task each)")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="generation backend of the shards")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: GPUs that serve the policy together")
+
+    @model_validator(mode="after")
+    def _tensor_parallel_on_vllm(self):
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("execution.tensor_parallel_size > 1 needs execution.backend 'vllm' (the transformers "
+                             "backend runs the policy on one device)")
+        return self
 
 
 class Recipe(Section):
@@ -266,6 +285,15 @@ class Recipe(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     execution: ExecutionConfig = ExecutionConfig()
+
+    @model_validator(mode="after")
+    def _reward_reads_whole_responses(self):
+        cut = self.reward.max_length
+        if cut is not None and self.reward.kind != "verifier" and cut < self.sampling.max_new_tokens:
+            warnings.warn(f"reward.max_length ({cut}) is below sampling.max_new_tokens ({self.sampling.max_new_tokens}): "
+                          "the reward model reads only the first tokens of long responses (null reads up to "
+                          "the model config's length)", RecipeWarning, stacklevel=2)
+        return self
 
     @property
     def digest(self) -> str:
@@ -320,6 +348,29 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: invalid recipe: {problems}") from None
 
 
+def _read_recipe_data(path: Path, seen: tuple) -> dict:
+    """A recipe file's mapping; ``extends: NAME`` (a built-in name, or a file beside this one) starts
+    from that recipe's settings, this file's own merged over them."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    parent = str(data.pop("extends"))
+    beside = path.parent / parent
+    parent_path = beside if beside.is_file() else BUILTIN_RECIPES / f"{parent}.yaml"
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: extends '{parent}', which is neither a file beside it nor a built-in recipe")
+    if parent_path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' makes a cycle through {parent_path}")
+    base = _read_recipe_data(parent_path, (*seen, path.resolve()))
+    if not isinstance(base, dict):
+        raise RecipeError(f"{parent_path}: a recipe must be a YAML mapping")
+    return _deep_merge(base, data)
+
+
 def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
     """Load a recipe by built-in name (``smoke``, ``paper``, ...) or path to a YAML file."""
     path = Path(name_or_path)
@@ -329,10 +380,7 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
             known = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
             raise RecipeError(f"recipe '{name_or_path}' is neither a file nor a built-in recipe ({known})")
         path = builtin
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    data = _read_recipe_data(path, seen=())
     if overrides:
         data = _deep_merge(data or {}, overrides)
     return parse_recipe(data, source=str(path))

@@ -7,6 +7,7 @@ Implementations differ only in how they read a row:
 - ``CachedValueGuide``: a separate value backbone with its own KV cache, fed the same tokens;
 - ``ReencodeValueGuide``: the peers' method (decode to text, re-encode prompt + prefix, no cache);
 - ``ImplicitRewardGuide``: weak-to-strong search's log pi_tuned - log pi_untuned, both cached;
+  ``ReencodeImplicitRewardGuide`` the same for a pair with another tokenizer (re-encoded text);
 - ``RewardGuide`` and ``TokenLogProbGuide``: ARGS's w * r(prefix) + log pi(token).
 
 ``score_prefixes`` is the token interface of backends that keep no search state (``spi.vllm_search``):
@@ -29,7 +30,7 @@ import torch
 
 from spi.compute import Compute, charge_reward
 from spi.incremental import IncrementalModel, rowwise
-from spi.prompts import chat_prompt_ids, value_input_ids
+from spi.prompts import reencoded_ids, value_input_ids
 
 
 @dataclass
@@ -179,19 +180,18 @@ class DecodedTextGuide(Guide):
 
 
 class ReencodeValueGuide(DecodedTextGuide):
-    """Decode each row to text and run the value model on prompt + prefix from scratch."""
+    """Decode each row to text and run the value model on prompt + prefix from scratch, in the value
+    model's own tokenizer and chat template (``system_message``: the policy's system turn)."""
 
-    def __init__(self, value_model, policy_tokenizer):
+    def __init__(self, value_model, policy_tokenizer, system_message: str | None = None):
         super().__init__(policy_tokenizer)
-        self.value_model = value_model
+        self.value_model, self.system_message = value_model, system_message
 
     def score_texts(self, instructions, texts, compute):
         tokenizer = self.value_model.tokenizer
         with compute.timed("text_decode"):
-            inputs = [
-                chat_prompt_ids(tokenizer, x) + tokenizer(t, add_special_tokens=False)["input_ids"]
-                for x, t in zip(instructions, texts, strict=True)
-            ]
+            inputs = [value_input_ids(*reencoded_ids(tokenizer, x, t, self.system_message))
+                      for x, t in zip(instructions, texts, strict=True)]
         with compute.timed("value_forward"):
             values = self.value_model.score_sequences(inputs, pad_id=tokenizer.pad_token_id)
         compute.value_tokens += sum(len(i) for i in inputs)
@@ -248,6 +248,30 @@ class ImplicitRewardGuide(Guide):
         return total
 
 
+class ReencodeImplicitRewardGuide(DecodedTextGuide):
+    """Weak-to-strong search with a pair whose tokenizer is not the policy's (SmolLM2 beside Llama-3):
+    each row is decoded, re-encoded in the pair's tokenizer and chat template, and log pi_tuned -
+    log pi_untuned of its response tokens is summed from scratch (no cache)."""
+
+    def __init__(self, tuned_model, untuned_model, pair_tokenizer, policy_tokenizer,
+                 system_message: str | None = None):
+        super().__init__(policy_tokenizer)
+        self.models, self.pair_tokenizer, self.system_message = (tuned_model, untuned_model), pair_tokenizer, system_message
+
+    def score_texts(self, instructions, texts, compute):
+        with compute.timed("text_decode"):
+            encoded = [reencoded_ids(self.pair_tokenizer, x, t, self.system_message)
+                       for x, t in zip(instructions, texts, strict=True)]
+        rows = Prefixes(list(instructions), [p for p, _ in encoded], [r for _, r in encoded], compute,
+                        self.pair_tokenizer.pad_token_id)
+        total = torch.zeros(len(encoded))
+        for sign, model in zip((1, -1), self.models, strict=True):
+            total += sign * _response_logprob_sums(model, rows, rows.pad_id)
+        compute.value_calls += len(encoded)
+        return total
+
+
+@torch.no_grad()
 def _response_logprob_sums(model, prefixes: Prefixes, pad_id: int) -> torch.Tensor:
     """sum over each row's response tokens of log model(token | prompt, earlier tokens), from scratch."""
     from spi.value_batches import pad_right

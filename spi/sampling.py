@@ -64,6 +64,24 @@ def sample_tokens(
     return tokens
 
 
+def warped_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int,
+                   top_p: float) -> torch.Tensor:
+    """log p(token) per row under the distribution :func:`sample_tokens` draws from (temperature, top-k,
+    then the top-p cut, renormalised); -inf for a token outside the kept set. ARGS's sampled proposals
+    are scored with it (IRO: log p_warped)."""
+    if temperature == 0:
+        return torch.where(tokens == logits.argmax(-1), 0.0, float("-inf"))
+    scaled = logits.float() / temperature
+    width = min(top_k, scaled.shape[-1]) if top_k > 0 else scaled.shape[-1]
+    top_logits, top_ids = scaled.topk(width, dim=-1)
+    probs = torch.softmax(top_logits, dim=-1)
+    keep = (probs.cumsum(-1) - probs) < top_p
+    keep[:, 0] = True
+    kept = probs * keep
+    chosen = (kept * (top_ids == tokens[:, None])).sum(-1)
+    return torch.log(chosen / kept.sum(-1))
+
+
 def topk_candidates(logits: torch.Tensor, k: int) -> torch.Tensor:
     """The k most likely tokens of each row, most likely first: ARGS's deterministic proposals."""
     return logits.topk(k, dim=-1).indices

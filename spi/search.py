@@ -6,8 +6,8 @@ cache reordered to match), until every row has ended. The answer is the leaf wit
 (IRO's final pick) or, without a reward model, the highest guide score.
 
 Special cases are settings, not code: plain sampling is (W=1, K=1); Best-of-N is (W=1, K=N, L=None,
-final pick by reward); blockwise controlled decoding is (W=1, K, L); ARGS is (W=1, K=k, L=1,
-proposal="topk") with the guide log pi + w * r.
+final pick by reward); blockwise controlled decoding is (W=1, K, L); ARGS is (W=1, K=k, L=1) with the
+guide log p + w * r, its k proposals the top-k tokens (proposal="topk") or k samples (IRO's code).
 
 Results do not depend on batch composition, bit for bit in float32: prompts share a batch only with prompts
 of the same padded width (``spi.incremental.padded_width``) and row counts are padded to whole blocks of
@@ -30,8 +30,7 @@ from spi.compute import Compute, charge_reward
 from spi.guides import Boundary, Guide
 from spi.incremental import IncrementalModel, padded_width
 from spi.models import model_max_length
-from spi.prompts import chat_prompt_ids
-from spi.sampling import row_uniforms, sample_tokens, topk_candidates
+from spi.sampling import row_uniforms, sample_tokens, topk_candidates, warped_logprob
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def search(policy, instructions: list[str], seeds: list[int], settings: SearchSe
     output = SearchOutput([])
     results: list[SearchResult | None] = [None] * len(instructions)
     bar = tqdm(total=len(instructions), desc="decode", unit="prompt", disable=not progress, leave=False)
-    for batch in _batches(policy.tokenizer, instructions, settings.batch_prompts):
+    for batch in _batches(policy, instructions, settings.batch_prompts):
         batch_results = _search_batch(policy, [instructions[i] for i in batch], [seeds[i] for i in batch],
                                       settings, guide, reward_model, output.compute)
         for i, result in zip(batch, batch_results, strict=True):
@@ -99,13 +98,20 @@ def search(policy, instructions: list[str], seeds: list[int], settings: SearchSe
     return output
 
 
-def _batches(tokenizer, instructions: list[str], size: int) -> list[list[int]]:
+def _batches(policy, instructions: list[str], size: int) -> list[list[int]]:
     """Indices of prompts decoded together: only prompts of equal padded width share a batch (so a
     prompt's results do not depend on its batch), in input order within a width, at most ``size`` each."""
     by_width: dict[int, list[int]] = {}
     for i, x in enumerate(instructions):
-        by_width.setdefault(padded_width(len(chat_prompt_ids(tokenizer, x))), []).append(i)
+        by_width.setdefault(padded_width(len(policy.prompt_ids(x))), []).append(i)
     return [group[s:s + size] for group in by_width.values() for s in range(0, len(group), size)]
+
+
+def _proposal_logprob(logits, chosen, settings):
+    """log pi of a top-k proposal; log of the warped distribution a sampled proposal was drawn from."""
+    if settings.proposal == "topk":
+        return torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None]).squeeze(-1)
+    return warped_logprob(logits, chosen, settings.temperature, settings.top_k, settings.top_p)
 
 
 def _select(scores, responses, prompts, settings, seeds, boundary_no, finished=None):
@@ -142,7 +148,7 @@ def _select(scores, responses, prompts, settings, seeds, boundary_no, finished=N
 def _search_batch(policy, instructions, seeds, settings, guide, reward_model, compute):
     tokenizer, model = policy.tokenizer, policy.model
     rows, steps = settings.rows, settings.max_new_tokens
-    prompts = [chat_prompt_ids(tokenizer, x) for x in instructions]
+    prompts = [policy.prompt_ids(x) for x in instructions]
     limit = model_max_length(model)
     if limit and max(len(p) for p in prompts) + steps > limit:
         raise ValueError(f"sampling.max_new_tokens ({steps}) + the longest prompt ({max(len(p) for p in prompts)} "
@@ -194,7 +200,7 @@ def _search_batch(policy, instructions, seeds, settings, guide, reward_model, co
                 chosen = sample_tokens(logits, uniforms[:, t], settings.temperature, settings.top_k, settings.top_p)
             chosen = torch.where(active, chosen, pad)
             if needs_logprob:  # only ARGS's TokenLogProbGuide reads it: skip a full-vocabulary log_softmax
-                last_logprob = torch.where(active, torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1), last_logprob)
+                last_logprob = torch.where(active, _proposal_logprob(logits, chosen, settings), last_logprob)
         tokens[:, t] = chosen
         lengths += active.long()
         compute.generated_tokens += int(active.sum())

@@ -43,7 +43,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("source",), "the evaluation instructions (source: the digest of a user's file; ifeval: with the "
                        "constraints, generated ones shaped by prompts.kinds and max_constraints)"),
     Stage("decode", (*_POLICY, *_SEARCH, "reward", "iterations.betas", "baselines.weak_to_strong_tuned",
-                     "baselines.weak_to_strong_untuned", "baselines.args_weight", "baselines.args_top_k"),
+                     "baselines.weak_to_strong_untuned", "baselines.args_weight", "baselines.args_proposal",
+                     "baselines.args_candidates"),
           ("system", "eval_set", "value_models", "layout"), "one system answers the eval set"),
     Stage("best-of-first", (), ("n", "source"), "best-of-n:n read from the leaves of a wider Best-of-N decode"),
     Stage("references", ("evaluation.reference_generator",), ("eval_set", "generated"),
@@ -68,6 +69,7 @@ UNKEYED = {
     "execution.workers": "how many workers run the shards",
     "execution.dask_address": "which cluster runs the shards",
     "execution.shard_prompts": "enters the input 'layout' of a sharded stage, not an unsharded one",
+    "execution.tensor_parallel_size": "how many GPUs serve the vLLM policy: the same model and sampling",
 }
 
 WHOLE = "whole"  # the layout of an unsharded stage

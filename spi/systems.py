@@ -106,8 +106,10 @@ def base_settings(recipe):
 
 
 def value_guide(value_models, weights, policy):
-    """sum_i w_i V_i, each V_i read from the policy's hidden state or its own cached backbone."""
-    from spi.guides import CachedValueGuide, HeadValueGuide, WeightedGuide
+    """sum_i w_i V_i, each V_i read from the policy's hidden state, from its own cached backbone fed the
+    policy's tokens, or, for a backbone with another tokenizer, from re-encoded text."""
+    from spi.guides import CachedValueGuide, HeadValueGuide, ReencodeValueGuide, WeightedGuide
+    from spi.models import same_tokenizer
 
     parts = []
     for model, weight in zip(value_models, weights, strict=False):
@@ -115,8 +117,10 @@ def value_guide(value_models, weights, policy):
             if model.policy_name != policy.name:
                 raise ValueError(f"value head was fitted on policy '{model.policy_name}', not '{policy.name}'")
             parts.append((HeadValueGuide(model), weight))
-        else:
+        elif same_tokenizer(model.tokenizer, policy.tokenizer):
             parts.append((CachedValueGuide(model, policy.tokenizer.pad_token_id), weight))
+        else:
+            parts.append((ReencodeValueGuide(model, policy.tokenizer, policy.system_message), weight))
     return WeightedGuide(parts)
 
 
@@ -199,10 +203,20 @@ def best_of_n_rows(name: str, default: int) -> int:
 
 
 def _w2s_guide(recipe, policy, reward_model, w2s_models):
-    from spi.guides import ImplicitRewardGuide
+    """log pi_tuned - log pi_untuned on the policy's tokens (cached), or on re-encoded text when the pair's
+    tokenizer is not the policy's. A bare model (no tokenizer) is taken to share the policy's."""
+    from spi.guides import ImplicitRewardGuide, ReencodeImplicitRewardGuide
+    from spi.models import same_tokenizer
 
     tuned, untuned = (getattr(m, "model", m) for m in w2s_models)  # CausalLM or a bare HF model
-    return ImplicitRewardGuide(tuned, untuned, policy.tokenizer.pad_token_id)
+    tokenizers = [getattr(m, "tokenizer", policy.tokenizer) for m in w2s_models]
+    if not same_tokenizer(*tokenizers):
+        b = recipe.baselines
+        raise ValueError(f"baselines.weak_to_strong_tuned '{b.weak_to_strong_tuned}' and weak_to_strong_untuned "
+                         f"'{b.weak_to_strong_untuned}' do not share a tokenizer: their log-ratio needs one")
+    if same_tokenizer(tokenizers[0], policy.tokenizer):
+        return ImplicitRewardGuide(tuned, untuned, policy.tokenizer.pad_token_id)
+    return ReencodeImplicitRewardGuide(tuned, untuned, tokenizers[0], policy.tokenizer, policy.system_message)
 
 
 def _args_guide(recipe, policy, reward_model, w2s_models):
@@ -228,10 +242,11 @@ register(System("weak-to-strong", r"weak-to-strong", lambda m, r, b: b, needs=("
                 guide_text="log pi_tuned - log pi_untuned of the weak-to-strong pair"))
 register(System(
     "args", r"args",
-    lambda m, r, b: replace(b, width=1, successors=r.baselines.args_top_k, chunk_length=1, proposal="topk",
-                            final_pick="value"),
-    needs=("reward",), guide=_args_guide, fields=("baselines.args_weight", "baselines.args_top_k"),
-    guide_text="log pi(token) + args_weight * reward(prefix)",
+    lambda m, r, b: replace(b, width=1, successors=r.baselines.args_candidates, chunk_length=1,
+                            proposal="topk" if r.baselines.args_proposal == "topk" else "sample", final_pick="value"),
+    needs=("reward",), guide=_args_guide,
+    fields=("baselines.args_weight", "baselines.args_proposal", "baselines.args_candidates"),
+    guide_text="log p(token) + args_weight * reward(prefix); p is pi for top-k proposals, the warped pi when sampled",
 ))
 
 

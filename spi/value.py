@@ -3,8 +3,10 @@
 Two kinds behind one class:
 - ``policy-head``: a linear head on the frozen policy's last hidden state. During search the policy's
   forward pass already computes that state, so guidance costs one dot product per row.
-- ``backbone``: a separate transformer (same tokenizer as the policy) with the head at every
-  position, fully fine-tuned or LoRA-tuned; during search it keeps its own KV cache.
+- ``backbone``: a separate transformer with the head at every position, fully fine-tuned or
+  LoRA-tuned. With the policy's tokenizer it keeps its own KV cache fed the sampled tokens during
+  search; with another tokenizer (a reward model of another family, as IRO's) it reads re-encoded text,
+  in fitting and in search alike (``spi.prompts.reencoded_ids``).
 Inputs are built by ``spi.prompts.value_input_ids`` for fitting and for search alike.
 
 Saved as a folder: ``value.json`` (kind, names, sizes, fit report, sha256 of every weight file) plus
@@ -343,27 +345,20 @@ def _pair_accuracy(examples: list[ValueExample], values: list[torch.Tensor]) -> 
 
 def new_value_model(kind: str, policy, policy_name: str, backbone_name: str | None = None,
                     lora_rank: int = 0, dtype: str = "float32", device: str | None = None,
-                    policy_tokenizer=None, init_from_reward: bool = False, pooling: str = "last") -> ValueModel:
+                    init_from_reward: bool = False, pooling: str = "last") -> ValueModel:
     """A fresh value model. The policy-head kind sits on the policy's device and reads its states with
     ``pooling``; a backbone is loaded in
     ``dtype`` on ``device`` (None: the CPU). ``init_from_reward``: the backbone and the head come from
     the sequence-classification reward model ``backbone_name`` (IRO initialises V_k so), the head set so
-    that V equals the reward model's score at every position before the fit. A backbone whose tokenizer
-    differs from ``policy_tokenizer`` is refused: the search feeds it the policy's token ids."""
+    that V equals the reward model's score at every position before the fit. A backbone keeps its own
+    tokenizer: when it is not the policy's, its examples and guides re-encode text."""
     from spi.models import model_device
 
     if kind == "policy-head":
         return ValueModel(kind, policy.config.hidden_size, policy_name, pooling=pooling).to(model_device(policy))
-    from spi.models import load_causal_lm, load_sequence_classifier, load_tokenizer, same_tokenizer
+    from spi.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 
     tokenizer = load_tokenizer(backbone_name)
-    if policy_tokenizer is not None and not same_tokenizer(tokenizer, policy_tokenizer):
-        raise ValueError(
-            f"value.backbone '{backbone_name}' does not share the policy's tokenizer ('{policy_name}'): a "
-            "backbone value model reads the policy's token ids (its KV cache is fed the sampled tokens), "
-            "so its vocabulary must be the policy's. Choose a backbone (or reward model, with "
-            "value.init_from_reward) of the policy's family, or use value.kind 'policy-head'."
-        )
     reward_head = None
     if init_from_reward:
         scorer = load_sequence_classifier(backbone_name, dtype, device or "cpu")

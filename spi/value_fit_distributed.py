@@ -74,18 +74,16 @@ def _worker(rank: int, job: FitJob, examples, out: str, port: int) -> None:
     import torch
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
-    from spi.models import load_tokenizer
     from spi.value import fit_value, new_value_model
     from spi.value_train import TrainSettings
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if job.strategy == "fsdp" else None
     accelerator = Accelerator(cpu=job.device == "cpu", fsdp_plugin=plugin)
-    policy_tokenizer = load_tokenizer(job.policy_name)
 
     def build(device):
         torch.manual_seed(job.init_seed)
         return new_value_model("backbone", None, job.policy_name, job.backbone, job.lora_rank, job.dtype,
-                               device, policy_tokenizer, job.init_from_reward)
+                               device, job.init_from_reward)
 
     model = build(str(accelerator.device))
     settings = TrainSettings(job.micro_batch_size, job.gradient_checkpointing, job.master_dtype, job.max_length,

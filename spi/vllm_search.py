@@ -23,7 +23,6 @@ import torch
 
 from spi.compute import Compute
 from spi.guides import Guide, Prefixes, WeightedGuide
-from spi.prompts import chat_prompt_ids
 from spi.search import SearchOutput, SearchSettings, _select, _strip_eos, pick_answers
 
 
@@ -66,7 +65,7 @@ def row_seed(prompt_seed: int, chunk: int, row: int) -> int:
 def _search_batch(engine, sampling_params, policy, instructions, seeds, settings, guide, reward_model,
                   compute: Compute):
     tokenizer, eos, rows, limit = policy.tokenizer, policy.eos_ids, settings.rows, settings.max_new_tokens
-    prompts = [chat_prompt_ids(tokenizer, x) for x in instructions]
+    prompts = [policy.prompt_ids(x) for x in instructions]
     selects = settings.successors > 1 and settings.chunk_length is not None and guide is not None
     chunk = settings.chunk_length if selects else limit
     # responses[p][r]: row r's tokens (EOS kept while searching); ended[p][r]: it will get no more

@@ -45,7 +45,7 @@ class Arms:
 
     def __init__(self, config: DecodeBenchConfig, arms: list[str]):
         from spi.models import CausalLM
-        from spi.prompts import load_instructions
+        from spi.prompt_sets import load_instructions
         from spi.search import SearchSettings
 
         self.config, c = config, config
@@ -103,7 +103,7 @@ class Arms:
 
         instructions, seeds = self.instructions, self.seeds
         if prompts is not None:
-            from spi.prompts import load_instructions
+            from spi.prompt_sets import load_instructions
 
             instructions, seeds = load_instructions("builtin:train", 0, prompts), list(range(prompts))
         if name == "hf_generate":

@@ -33,7 +33,8 @@ class FitBenchConfig(BenchConfig):
 
 
 def _examples(tokenizer, config: FitBenchConfig):
-    from spi.prompts import chat_prompt_ids, load_instructions
+    from spi.prompt_sets import load_instructions
+    from spi.prompts import chat_prompt_ids
     from spi.value import ValueExample
 
     rng = random.Random(config.seed)

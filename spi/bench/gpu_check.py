@@ -13,7 +13,8 @@ Steps:
    fit with float32 master weights needs ~128 GB of optimizer state, the source shards it over 4 GPUs)
    for a few epochs with float32 master weights, bfloat16 autocast, micro-batches and gradient
    checkpointing; it prints the loss per epoch and checks that it moves.
-3. ``--smoke``: the smoke experiment's SPI loop (``spi.pipeline.run_spi``) with every model on the device.
+3. ``--smoke``: the smoke experiment's SPI loop (``spi.pipeline.run_spi``) with every model on the device,
+   with the transformers backend and with vLLM (recorded as skipped, with the reason, where vLLM cannot run).
 Writes everything to ``--out`` as JSON as well.
 """
 
@@ -71,7 +72,8 @@ def check_decode(config: CheckConfig, log=print) -> dict:
 
 
 def _fit_examples(tokenizer, vocab: int, config: CheckConfig):
-    from spi.prompts import chat_prompt_ids, load_instructions
+    from spi.prompt_sets import load_instructions
+    from spi.prompts import chat_prompt_ids
     from spi.value import ValueExample
 
     rng = random.Random(0)
@@ -92,8 +94,7 @@ def check_value_fit(config: CheckConfig, log=print) -> dict:
 
     name = f"{config.model}:{config.fit_layers}"
     tokenizer = load_tokenizer(name)
-    model = new_value_model("backbone", None, name, name, dtype=config.dtype, device=config.device,
-                            policy_tokenizer=tokenizer)
+    model = new_value_model("backbone", None, name, name, dtype=config.dtype, device=config.device)
     params = sum(p.numel() for p in model.backbone.parameters())
     examples = _fit_examples(tokenizer, model.backbone.config.vocab_size, config)
     losses: list[float] = []
@@ -115,20 +116,33 @@ def check_value_fit(config: CheckConfig, log=print) -> dict:
     return out
 
 
-def check_smoke(config: CheckConfig, workdir: str, log=print) -> dict:
+def check_smoke(config: CheckConfig, workdir: str, log=print, backends=("transformers", "vllm")) -> dict:
+    """The smoke experiment's SPI loop with the policy on the device, once per generation backend; a
+    backend that cannot run here is recorded with the reason."""
     from pathlib import Path
 
+    from spi.backends import vllm_unavailable_reason
     from spi.config import load_recipe
     from spi.loop import run_spi
     from spi.pipeline import heldout_instructions
 
-    recipe = load_recipe("smoke", overrides={"policy": {"device": config.device}})
-    instructions = heldout_instructions(recipe, 4)
-    start = time.perf_counter()
-    summary = run_spi(recipe, Path(workdir), instructions, ["base-sampled", "best-of-n", "spi-1"], progress=False)
-    log(f"smoke experiment on {config.device}: {time.perf_counter() - start:.1f} s, mean rewards "
-        + ", ".join(f"{k} {v['mean_reward']:.3f}" for k, v in summary["systems"].items()))
-    return summary
+    out = {}
+    for backend in backends:
+        problem = vllm_unavailable_reason() if backend == "vllm" else None
+        if problem:
+            out[backend] = {"skipped": problem}
+            log(f"smoke experiment on {backend}: skipped ({problem})")
+            continue
+        recipe = load_recipe("smoke", overrides={"policy": {"device": config.device},
+                                                 "execution": {"backend": backend}})
+        instructions = heldout_instructions(recipe, 4)
+        start = time.perf_counter()
+        summary = run_spi(recipe, Path(workdir) / backend, instructions, ["base-sampled", "best-of-n", "spi-1"],
+                          progress=False)
+        log(f"smoke experiment on {config.device} with {backend}: {time.perf_counter() - start:.1f} s, mean "
+            "rewards " + ", ".join(f"{k} {v['mean_reward']:.3f}" for k, v in summary["systems"].items()))
+        out[backend] = summary
+    return out
 
 
 def run_check(config: CheckConfig, smoke_workdir: str | None = None, log=print) -> dict:

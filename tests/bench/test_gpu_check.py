@@ -2,7 +2,7 @@
 
 import json
 
-from spi.bench.gpu_check import GPU_ARMS, main
+from spi.bench.gpu_check import GPU_ARMS, CheckConfig, check_smoke, main
 
 
 def test_reduced_gpu_check_prints_the_benchmark_ratios_and_a_moving_value_loss(tmp_path, capsys):
@@ -20,3 +20,13 @@ def test_reduced_gpu_check_prints_the_benchmark_ratios_and_a_moving_value_loss(t
     assert fit["model"] == "random:tiny:2" and fit["loss_moved"]
     assert fit["losses"][-1] < fit["losses"][0]
     assert "loss" in printed and result["config"]["device"] == "cpu"
+
+
+def test_the_smoke_step_records_why_a_backend_cannot_run(tmp_path, monkeypatch):
+    from spi import backends
+
+    monkeypatch.setattr(backends, "vllm_unavailable_reason", lambda require_gpu=True: "no GPU in this test")
+    lines = []
+    result = check_smoke(CheckConfig.reduced(), str(tmp_path), log=lines.append, backends=("vllm",))
+    assert result == {"vllm": {"skipped": "no GPU in this test"}}
+    assert lines == ["smoke experiment on vllm: skipped (no GPU in this test)"]

@@ -45,7 +45,7 @@ def cluster2(prefect_api):
 
 @pytest.fixture(scope="session")
 def eval_set(tmp_path_factory):
-    from spi.prompts import load_instructions
+    from spi.prompt_sets import load_instructions
     from spi.stagefiles import write_json
 
     rows = [{"index": i, "instruction": x, "dataset": "bench"}

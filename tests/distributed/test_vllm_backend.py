@@ -197,7 +197,8 @@ def test_eos_stops_a_beam_and_an_ended_beam_is_kept_unchanged(tiny):
     settings = replace(BASE, width=2, successors=2, chunk_length=3, final_pick="value")
     _, first = _run(tiny, settings, TokenHashGuide())
     start, eos = first.requests[0][2][0][:2]  # prompt 0's first row: make its second token the EOS
-    policy = SimpleNamespace(name=tiny.name, model=tiny.model, tokenizer=tiny.tokenizer, eos_ids=[eos])
+    policy = SimpleNamespace(name=tiny.name, model=tiny.model, tokenizer=tiny.tokenizer, eos_ids=[eos],
+                             prompt_ids=tiny.prompt_ids)
     guide = EndedFirstGuide(eos)
     out, engine = _run(policy, settings, guide)
     leaves = _by_prompt(guide.calls[-1], 4)[INSTRUCTIONS[0]][0]

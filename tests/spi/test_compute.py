@@ -60,7 +60,7 @@ def _texts(out):
 
 def test_a_value_backbone_charges_the_tokens_it_is_fed(pair):
     policy, other = pair
-    value = new_value_model("backbone", None, policy.name, other.name, policy_tokenizer=policy.tokenizer).eval()
+    value = new_value_model("backbone", None, policy.name, other.name).eval()
     out, compute = _decode(policy, WeightedGuide([(CachedValueGuide(value, policy.tokenizer.pad_token_id), 1.0)]))
     assert compute.value_tokens == _fed(policy, out) > 0
     assert compute.value_calls == 2 * 3 and compute.w2s_tokens == compute.reward_tokens == 0
@@ -68,7 +68,7 @@ def test_a_value_backbone_charges_the_tokens_it_is_fed(pair):
 
 def test_two_value_backbones_charge_twice(pair):
     policy, other = pair
-    values = [new_value_model("backbone", None, policy.name, other.name, policy_tokenizer=policy.tokenizer).eval()
+    values = [new_value_model("backbone", None, policy.name, other.name).eval()
               for _ in range(2)]
     guides = [(CachedValueGuide(v, policy.tokenizer.pad_token_id), 1.0) for v in values]
     out, compute = _decode(policy, WeightedGuide(guides))
@@ -85,7 +85,7 @@ def test_a_head_on_the_policy_runs_no_model_of_its_own(pair):
 
 def test_a_reencoding_value_model_charges_its_own_encoding(pair):
     policy, other = pair
-    value = new_value_model("backbone", None, policy.name, other.name, policy_tokenizer=policy.tokenizer).eval()
+    value = new_value_model("backbone", None, policy.name, other.name).eval()
     out, compute = _decode(policy, WeightedGuide([(ReencodeValueGuide(value, policy.tokenizer), 1.0)]))
     tok = value.tokenizer
     expected = sum(len(chat_prompt_ids(tok, x)) + len(tok(t, add_special_tokens=False)["input_ids"])
@@ -149,7 +149,7 @@ def test_a_value_fit_records_what_it_cost(pair):
     assert report.train_sequences == 6 and report.seconds > 0
 
     torch.manual_seed(0)
-    backbone = new_value_model("backbone", None, policy.name, other.name, policy_tokenizer=policy.tokenizer)
+    backbone = new_value_model("backbone", None, policy.name, other.name)
     report = fit_value(backbone, examples, pad, None, epochs=2, learning_rate=1e-4, batch_size=4,
                        holdout_fraction=0.0, train=TrainSettings(micro_batch_size=2))
     # feature statistics over the first step (4 examples), then 2 epochs forward and backward

@@ -115,7 +115,7 @@ def _guides(policy, reward, pad):
     head = new_value_model("policy-head", policy.model, policy.name)
     torch.nn.init.normal_(head.head.weight)
     backbone = new_value_model("backbone", policy.model, policy.name, backbone_name="tiny-llama",
-                               device=str(model_device(policy.model)), policy_tokenizer=policy.tokenizer)
+                               device=str(model_device(policy.model)))
     torch.nn.init.normal_(backbone.head.weight)
     pair = [policy.model, load_causal_lm("tiny-llama-b", device=str(model_device(policy.model)))]
     return {

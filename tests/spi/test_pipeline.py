@@ -55,7 +55,7 @@ def test_weak_to_strong_and_args_baselines_decode(tmp_path):
     from spi.models import CausalLM
     from spi.pipeline import decode_system
 
-    recipe = _tiny_recipe(tmp_path, {"baselines": {"args_top_k": 3}, "sampling": {"max_new_tokens": 6}})
+    recipe = _tiny_recipe(tmp_path, {"baselines": {"args_candidates": 3}, "sampling": {"max_new_tokens": 6}})
     prompts = heldout_instructions(recipe, 2)
     pair = (CausalLM.load("tiny-llama"), CausalLM.load("tiny-llama-b"))
     w2s = json.loads(decode_system(recipe, "weak-to-strong", [], prompts, tmp_path / "w2s.json",

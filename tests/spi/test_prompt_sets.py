@@ -139,7 +139,7 @@ def test_uncached_hub_id_fails_at_once_when_offline(monkeypatch):
 
 
 def test_load_instructions_slices_any_source(tmp_path):
-    from spi.prompts import load_instructions
+    from spi.prompt_sets import load_instructions
 
     path = _jsonl(tmp_path / "i.jsonl", IFEVAL_ROWS)
     assert load_instructions(str(path), 1, 1) == [IFEVAL_ROWS[1]["prompt"]]

@@ -72,6 +72,9 @@ class _ToyPolicy:
     def __init__(self, model):
         self.model, self.tokenizer = model, _ToyTokenizer()
 
+    def prompt_ids(self, instruction):
+        return list(PROMPT)
+
 
 class _ExactValueGuide:
     """V(prefix) read from a table of exact values: the value a perfectly fitted value model would give."""

@@ -23,8 +23,7 @@ def _examples(tokenizer, count=8):
 
 def _fit_here(examples, pad, micro, dtype="float32", master="float32", **overrides):
     torch.manual_seed(0)
-    tokenizer = load_tokenizer("tiny-llama")
-    model = new_value_model("backbone", None, "tiny-llama", "tiny-llama", dtype=dtype, policy_tokenizer=tokenizer)
+    model = new_value_model("backbone", None, "tiny-llama", "tiny-llama", dtype=dtype)
     fit_value(model, examples, pad, None, **{**FIT, **overrides},
               train=TrainSettings(micro_batch_size=micro, master_dtype=master))
     return model
@@ -98,7 +97,7 @@ def test_value_starts_from_the_reward_model(tmp_path):
     scorer = _llama_reward_model(tmp_path / "rm")
     tokenizer = load_tokenizer("tiny-llama")
     examples = _examples(tokenizer, 4)
-    model = new_value_model("backbone", None, "tiny-llama", str(tmp_path / "rm"), policy_tokenizer=tokenizer,
+    model = new_value_model("backbone", None, "tiny-llama", str(tmp_path / "rm"),
                             init_from_reward=True)
     fit_value(model, examples, tokenizer.pad_token_id, None, **{**FIT, "epochs": 0})  # initialisation only
     for e in examples:
@@ -107,13 +106,6 @@ def test_value_starts_from_the_reward_model(tmp_path):
             expected = scorer(input_ids=torch.tensor([ids])).logits[0, 0]
             got = model.score_sequences([ids], tokenizer.pad_token_id)[0]
         assert float(got) == pytest.approx(float(expected), abs=1e-4)
-
-
-def test_a_value_backbone_with_another_tokenizer_is_refused():
-    tokenizer = load_tokenizer("tiny-llama")
-    with pytest.raises(ValueError, match="does not share the policy's tokenizer"):
-        new_value_model("backbone", None, "tiny-llama", "tiny-reward", policy_tokenizer=tokenizer,
-                        init_from_reward=True)
 
 
 @pytest.mark.parametrize("value, message", [
