@@ -116,6 +116,7 @@ def store_generations_task(
             "policy_tokens": c.get("policy_tokens", 0) // n,
             "value_tokens": c.get("value_tokens", 0) // n,
             "reward_tokens": c.get("reward_tokens", 0) // n,
+            "w2s_tokens": c.get("w2s_tokens", 0) // n,
             "seconds": seconds / n,
         }
         for o, a in zip(data["outputs"], judged["annotations"], strict=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import Float, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # --------------------------------------------------------------------------- tables
@@ -94,6 +94,8 @@ class Generation(RunSystemIteration, Base):
     # schema v2:
     reward: Mapped[float | None] = mapped_column(Float, nullable=True)
     reward_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # schema v3:
+    w2s_tokens: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Judgement(Base):
@@ -131,6 +133,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE generations ADD COLUMN reward FLOAT",
             "ALTER TABLE generations ADD COLUMN reward_model VARCHAR(256)",
         ),
+    ),
+    Migration(
+        3,
+        "generations: w2s_tokens, the weak-to-strong pair's tokens (both models)",
+        ("ALTER TABLE generations ADD COLUMN w2s_tokens INTEGER NOT NULL DEFAULT 0",),
     ),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION

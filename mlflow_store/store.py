@@ -188,8 +188,8 @@ class Store:
 
     def add_generations(self, rows: Iterable[Mapping], on_conflict: str = "ignore") -> int:
         """Rows: run_key, system, iteration, instruction_key, output, and instruction_digest or
-        instruction (text); optional policy_tokens, value_tokens, reward_tokens, seconds, reward,
-        reward_model. output_digest is derived from output."""
+        instruction (text); optional policy_tokens, value_tokens, reward_tokens, w2s_tokens, seconds,
+        reward, reward_model. output_digest is derived from output."""
         out = []
         for r in rows:
             r = dict(r)

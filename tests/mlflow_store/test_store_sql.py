@@ -256,6 +256,7 @@ def test_upgrade_from_v1_keeps_rows(store_url):
         assert store.rows("judgements")[0]["preference"] == 2.0
         gen = store.rows("generations")[0]
         assert gen["output"] == "old output" and gen["seconds"] == 1.5 and gen["reward"] is None
+        assert gen["w2s_tokens"] == 0  # v3's column, filled for rows written before it
         (row,) = store.compare_runs("judge-a")
         assert row["win_rate"] == 100.0 and row["total_policy_tokens"] == 12
         # new columns are usable after the upgrade
@@ -270,10 +271,12 @@ def test_upgrade_from_v1_keeps_rows(store_url):
                     output="new",
                     reward=0.9,
                     reward_model="rm",
+                    w2s_tokens=30,
                 )
             ]
         )
-        assert store.rows("generations", run_key="run-new")[0]["reward"] == 0.9
+        new = store.rows("generations", run_key="run-new")[0]
+        assert new["reward"] == 0.9 and new["w2s_tokens"] == 30
         with store.engine.connect() as conn:
             versions = list(
                 conn.execute(text("SELECT version FROM schema_version ORDER BY version")).scalars()
