@@ -110,9 +110,11 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from mlflow_store.store import StoreError
     from mlflow_store.tracking import TrackingURIError
     from spi.config import RecipeError
+    from spi.models import ModelNotFoundError
 
     return (
         RecipeError,
+        ModelNotFoundError,  # a model that is neither an alias, a folder, nor a reachable or cached hub id
         ServiceError,  # a corrupt state file of the stack, a temporary Prefect server that does not start
         TrackingURIError,
         StoreError,

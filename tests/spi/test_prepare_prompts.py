@@ -61,6 +61,7 @@ def test_the_command_writes_the_file_and_warns_when_the_recipe_needs_more(tmp_pa
     (["--column", "question"], "has no column 'question' (columns: prompt, prompt_id)"),
     (["--source", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be at least 1"),
+    (["--recipe", "paper"], "model 'meta-llama/Meta-Llama-3-8B-Instruct' is not in the local Hugging Face cache"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, args, message):
     base = ["prepare-prompts", "--recipe", "smoke", "--out", str(tmp_path / "o.jsonl"), "--source",
