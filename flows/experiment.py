@@ -341,4 +341,5 @@ def run_plain(recipe: str, overrides: dict | None = None, workdir: str | None = 
     rep = write_report(ctx, ev, iterations, "none (plain calls)", [])
     return {"recipe": r.name, "digest": r.digest, "systems": {row["system"]: row for row in ev.rows},
             "paired": rep["paired"], "value_fits": value_fits(iterations), "stages": dict(ctx.stages),
-            "table": rep["table"], "report": str(rep["file"])}
+            "table": rep["table"], "report": str(rep["file"]),
+            "outputs": {name: {"decoded": d["path"], "judged": j["path"]} for name, (d, j) in ev.judged.items()}}
