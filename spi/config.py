@@ -348,6 +348,14 @@ def parse_recipe(data, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: invalid recipe: {problems}") from None
 
 
+def _recipe_file(name: str | Path, folder: Path | None = None) -> Path | None:
+    """The recipe file ``name`` names: a file (relative to ``folder`` when given), else a built-in recipe."""
+    for candidate in ((folder or Path()) / name, BUILTIN_RECIPES / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _read_recipe_data(path: Path, seen: tuple) -> dict:
     """A recipe file's mapping; ``extends: NAME`` (a built-in name, or a file beside this one) starts
     from that recipe's settings, this file's own merged over them."""
@@ -359,9 +367,8 @@ def _read_recipe_data(path: Path, seen: tuple) -> dict:
         return data
     data = dict(data)
     parent = str(data.pop("extends"))
-    beside = path.parent / parent
-    parent_path = beside if beside.is_file() else BUILTIN_RECIPES / f"{parent}.yaml"
-    if not parent_path.is_file():
+    parent_path = _recipe_file(parent, path.parent)
+    if parent_path is None:
         raise RecipeError(f"{path}: extends '{parent}', which is neither a file beside it nor a built-in recipe")
     if parent_path.resolve() in seen:
         raise RecipeError(f"{path}: 'extends' makes a cycle through {parent_path}")
@@ -373,13 +380,10 @@ def _read_recipe_data(path: Path, seen: tuple) -> dict:
 
 def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
     """Load a recipe by built-in name (``smoke``, ``paper``, ...) or path to a YAML file."""
-    path = Path(name_or_path)
-    if not path.exists():
-        builtin = BUILTIN_RECIPES / f"{name_or_path}.yaml"
-        if not builtin.exists():
-            known = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
-            raise RecipeError(f"recipe '{name_or_path}' is neither a file nor a built-in recipe ({known})")
-        path = builtin
+    path = _recipe_file(name_or_path)
+    if path is None:
+        known = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+        raise RecipeError(f"recipe '{name_or_path}' is neither a file nor a built-in recipe ({known})")
     data = _read_recipe_data(path, seen=())
     if overrides:
         data = _deep_merge(data or {}, overrides)

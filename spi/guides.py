@@ -178,6 +178,12 @@ class DecodedTextGuide(Guide):
     def score_texts(self, instructions, texts, compute):
         raise NotImplementedError
 
+    @staticmethod
+    def reencode(tokenizer, instructions, texts, system_message, compute) -> list[tuple[list[int], list[int]]]:
+        """(prompt, response) ids of each row's text in another model's tokenizer and chat template."""
+        with compute.timed("text_decode"):
+            return [reencoded_ids(tokenizer, x, t, system_message) for x, t in zip(instructions, texts, strict=True)]
+
 
 class ReencodeValueGuide(DecodedTextGuide):
     """Decode each row to text and run the value model on prompt + prefix from scratch, in the value
@@ -189,9 +195,8 @@ class ReencodeValueGuide(DecodedTextGuide):
 
     def score_texts(self, instructions, texts, compute):
         tokenizer = self.value_model.tokenizer
-        with compute.timed("text_decode"):
-            inputs = [value_input_ids(*reencoded_ids(tokenizer, x, t, self.system_message))
-                      for x, t in zip(instructions, texts, strict=True)]
+        inputs = [value_input_ids(*pair) for pair in self.reencode(tokenizer, instructions, texts,
+                                                                   self.system_message, compute)]
         with compute.timed("value_forward"):
             values = self.value_model.score_sequences(inputs, pad_id=tokenizer.pad_token_id)
         compute.value_tokens += sum(len(i) for i in inputs)
@@ -259,9 +264,7 @@ class ReencodeImplicitRewardGuide(DecodedTextGuide):
         self.models, self.pair_tokenizer, self.system_message = (tuned_model, untuned_model), pair_tokenizer, system_message
 
     def score_texts(self, instructions, texts, compute):
-        with compute.timed("text_decode"):
-            encoded = [reencoded_ids(self.pair_tokenizer, x, t, self.system_message)
-                       for x, t in zip(instructions, texts, strict=True)]
+        encoded = self.reencode(self.pair_tokenizer, instructions, texts, self.system_message, compute)
         rows = Prefixes(list(instructions), [p for p, _ in encoded], [r for _, r in encoded], compute,
                         self.pair_tokenizer.pad_token_id)
         total = torch.zeros(len(encoded))

@@ -29,13 +29,16 @@ def row_uniforms(seed: int, rows: int, steps: int) -> torch.Tensor:
     return torch.rand(rows, steps, generator=generator, dtype=torch.float64)
 
 
+def _top_p_kept(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Descending probabilities with those past the top-p cut zeroed (the most likely one always kept)."""
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    keep[:, 0] = True
+    return sorted_probs * keep
+
+
 def _pick(sorted_probs: torch.Tensor, sorted_ids: torch.Tensor, top_p: float, u: torch.Tensor):
     """Inverse-CDF draw from descending probabilities after a top-p cut; returns token ids."""
-    cumulative = sorted_probs.cumsum(-1)
-    keep = (cumulative - sorted_probs) < top_p
-    keep[:, 0] = True
-    kept = sorted_probs * keep
-    cdf = kept.cumsum(-1)
+    cdf = _top_p_kept(sorted_probs, top_p).cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     index = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
     return sorted_ids.gather(-1, index).squeeze(-1)
@@ -74,10 +77,7 @@ def warped_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     scaled = logits.float() / temperature
     width = min(top_k, scaled.shape[-1]) if top_k > 0 else scaled.shape[-1]
     top_logits, top_ids = scaled.topk(width, dim=-1)
-    probs = torch.softmax(top_logits, dim=-1)
-    keep = (probs.cumsum(-1) - probs) < top_p
-    keep[:, 0] = True
-    kept = probs * keep
+    kept = _top_p_kept(torch.softmax(top_logits, dim=-1), top_p)
     chosen = (kept * (top_ids == tokens[:, None])).sum(-1)
     return torch.log(chosen / kept.sum(-1))
 

@@ -86,10 +86,11 @@ def search(policy, instructions: list[str], seeds: list[int], settings: SearchSe
         raise ValueError("proposal='topk' (ARGS) needs width=1")
     output = SearchOutput([])
     results: list[SearchResult | None] = [None] * len(instructions)
+    prompts = [policy.prompt_ids(x) for x in instructions]  # encoded once: batching and decoding read them
     bar = tqdm(total=len(instructions), desc="decode", unit="prompt", disable=not progress, leave=False)
-    for batch in _batches(policy, instructions, settings.batch_prompts):
-        batch_results = _search_batch(policy, [instructions[i] for i in batch], [seeds[i] for i in batch],
-                                      settings, guide, reward_model, output.compute)
+    for batch in _batches(prompts, settings.batch_prompts):
+        batch_results = _search_batch(policy, [instructions[i] for i in batch], [prompts[i] for i in batch],
+                                      [seeds[i] for i in batch], settings, guide, reward_model, output.compute)
         for i, result in zip(batch, batch_results, strict=True):
             results[i] = result
         bar.update(len(batch))
@@ -98,12 +99,12 @@ def search(policy, instructions: list[str], seeds: list[int], settings: SearchSe
     return output
 
 
-def _batches(policy, instructions: list[str], size: int) -> list[list[int]]:
+def _batches(prompts: list[list[int]], size: int) -> list[list[int]]:
     """Indices of prompts decoded together: only prompts of equal padded width share a batch (so a
     prompt's results do not depend on its batch), in input order within a width, at most ``size`` each."""
     by_width: dict[int, list[int]] = {}
-    for i, x in enumerate(instructions):
-        by_width.setdefault(padded_width(len(policy.prompt_ids(x))), []).append(i)
+    for i, prompt in enumerate(prompts):
+        by_width.setdefault(padded_width(len(prompt)), []).append(i)
     return [group[s:s + size] for group in by_width.values() for s in range(0, len(group), size)]
 
 
@@ -145,10 +146,9 @@ def _select(scores, responses, prompts, settings, seeds, boundary_no, finished=N
     return torch.tensor(index), changed
 
 
-def _search_batch(policy, instructions, seeds, settings, guide, reward_model, compute):
+def _search_batch(policy, instructions, prompts, seeds, settings, guide, reward_model, compute):
     tokenizer, model = policy.tokenizer, policy.model
     rows, steps = settings.rows, settings.max_new_tokens
-    prompts = [policy.prompt_ids(x) for x in instructions]
     limit = model_max_length(model)
     if limit and max(len(p) for p in prompts) + steps > limit:
         raise ValueError(f"sampling.max_new_tokens ({steps}) + the longest prompt ({max(len(p) for p in prompts)} "
