@@ -8,7 +8,9 @@ error (points), each with a percentile bootstrap interval over instructions, and
 of its difference from each other judge (the same resamples). Beside it: the length-only
 Bradley-Terry model (one weight, fitted on the evaluated pairs themselves: an optimistic baseline) and
 the recipes' current default judge. The held-out group of judge-agreement's split (``--held-out``)
-measures a judge trained with ``train-judge --train-split`` on models and instructions it never saw.
+measures a judge trained with ``train-judge --train-split`` on models and instructions it never saw
+(``--held-out models``: the unseen models on every instruction; ``instructions``: every model on the
+unseen instructions).
 """
 
 from __future__ import annotations

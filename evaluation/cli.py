@@ -4,7 +4,7 @@
     spi eval train-judge --eval-set FILE --outputs DIR --preferences DIR --out DIR [--backbone minilm-l6]
     spi eval train-judge ... --kind cross-encoder --train-split --out DIR
     spi eval judge-agreement --eval-set FILE --outputs DIR --preferences DIR [--backbone minilm-l6]
-    spi eval judge-agreement --judge [NAME] --eval-set FILE --outputs DIR --preferences DIR [--held-out] --json F
+    spi eval judge-agreement --judge [NAME] --eval-set FILE --outputs DIR --preferences DIR [--held-out [both|models|instructions]] --json F
     spi eval judge --eval-set FILE --outputs FILE --judge SPEC [--judge-arg k=v] --out FILE.json
     spi eval ifeval --prompts FILE --responses FILE --out FILE.json
 
@@ -42,6 +42,9 @@ def add_eval_commands(subparsers) -> None:
                         "gamed baselines (their outputs must be in --outputs); default: the file of that name "
                         "beside the preferences folder, if present")
     p.add_argument("--no-difficulty", action="store_true", help="drop the instruction-difficulty term")
+    p.add_argument("--instruction-difficulty", default=None, metavar="CSV",
+                   help="alpaca_eval's instruction_difficulty.csv (the hub file the official LC uses), instead of "
+                        "estimating the difficulty by a joint fit over the given preference files")
     p.add_argument("--compare", default=None, help="a published leaderboard CSV to print MAE / Spearman against")
     _subset_args(p)
     p.set_defaults(func=cmd_leaderboard)
@@ -52,7 +55,7 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--kind", choices=("bradley-terry", "cross-encoder"), default="bradley-terry",
                    help="bradley-terry: a head on frozen embeddings (minutes); cross-encoder: the encoder "
                         "fine-tuned end to end (about an hour on 2 cores; resumable, see --max-minutes)")
-    p.add_argument("--backbone", default="minilm-l6")
+    _feature_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="default 128 (bradley-terry), 256 (cross-encoder)")
     p.add_argument("--train-split", action="store_true",
                    help="train only on the training group of judge-agreement's split (--test-fraction, --seed), "
@@ -75,13 +78,14 @@ def add_eval_commands(subparsers) -> None:
                         "given models and instructions, beside length-only and the recipes' default judge; "
                         "without --judge: train a Bradley-Terry judge (--backbone) on a split and test it")
     p.add_argument("--judge-arg", action="append", default=[], help="k=v keyword argument of --judge's factory")
-    p.add_argument("--held-out", action="store_true",
-                   help="with --judge: only the held-out models x instructions of the split (--test-fraction, "
-                        "--seed), for a judge trained with train-judge --train-split")
+    p.add_argument("--held-out", nargs="?", const="both", default=None, choices=("both", "models", "instructions"),
+                   help="with --judge, for a judge trained with train-judge --train-split (same --test-fraction, "
+                        "--seed): both (alone) = the held-out models x the held-out instructions; models = the "
+                        "held-out models on every instruction; instructions = every model on the held-out instructions")
     p.add_argument("--no-current", action="store_true", help="with --judge: skip the recipes' default judge")
     p.add_argument("--n-boot", type=int, default=200, help="with --judge: bootstrap resamples for the intervals")
     p.add_argument("--cache", default=None, help="with --judge: SQLite judgement cache (default: none)")
-    p.add_argument("--backbone", default="minilm-l6")
+    _feature_args(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
@@ -106,6 +110,17 @@ def add_eval_commands(subparsers) -> None:
     p.set_defaults(func=cmd_judge)
 
 
+def _feature_args(p) -> None:
+    p.add_argument("--backbone", default="minilm-l6", help="frozen embedding backbone; 'none' for no embeddings")
+    p.add_argument("--text-features", action="store_true",
+                   help="bradley-terry: add the answers' text statistics (evaluation/text_features.py); "
+                        "with --backbone none this is how local:text-bt is trained")
+
+
+def _backbone(args) -> str | None:
+    return None if args.backbone.lower() == "none" else args.backbone
+
+
 def _load_eval(args):
     """(full eval set, the indices chosen by --n/--stratify)."""
     from .data import load_eval_set, subset
@@ -124,7 +139,8 @@ def cmd_leaderboard(args) -> int:
         candidate = Path(args.preferences).resolve().parent / "glm_weights_length_controlled_v1.csv"
         weights = candidate if candidate.is_file() else None
     board = compute_leaderboard(eval_set, args.outputs, args.preferences, gamed_weights_path=weights,
-                                use_difficulty=not args.no_difficulty, indices=indices)
+                                use_difficulty=not args.no_difficulty, indices=indices,
+                                difficulty_path=args.instruction_difficulty)
     write_leaderboard(board, args.out)
     print(format_table(board))
     print(f"regularised toward gamed baselines: {'yes (' + str(weights) + ')' if any(r['regularized'] for r in board.values()) else 'no'}")
@@ -139,14 +155,16 @@ def _split_groups(args, eval_set, indices):
     """(models, indices) to use: all, or the training / held-out group of judge-agreement's split."""
     from .trained_judge import collect_pairs, split_models_and_instructions
 
-    which = "train" if getattr(args, "train_split", False) else "test" if getattr(args, "held_out", False) else None
-    if which is None:
+    held_out = getattr(args, "held_out", None)
+    if not getattr(args, "train_split", False) and held_out is None:
         return None, indices
     pairs = collect_pairs(eval_set, args.outputs, args.preferences, indices=indices)
     train_m, test_m, train_i, test_i = split_models_and_instructions(
         sorted({m for m, *_ in pairs}), sorted({i for _, i, _, _ in pairs}), test_fraction=args.test_fraction,
         seed=args.seed)
-    return (train_m, train_i) if which == "train" else (test_m, test_i)
+    if getattr(args, "train_split", False):
+        return train_m, train_i
+    return (test_m if held_out in ("both", "models") else None), (test_i if held_out in ("both", "instructions") else indices)
 
 
 def cmd_train_judge(args) -> int:
@@ -166,8 +184,9 @@ def cmd_train_judge(args) -> int:
         print(f"saved the cross-encoder judge to {done}" if done else
               f"stopped after {args.max_minutes} minutes at a checkpoint; run the same command again to resume")
         return 0
-    judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=args.backbone, models=models,
-                        indices=indices, max_tokens=args.max_tokens or 128, embed_cache_dir=default_embed_cache())
+    judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=_backbone(args), models=models,
+                        indices=indices, max_tokens=args.max_tokens or 128, embed_cache_dir=default_embed_cache(),
+                        text_features=args.text_features)
     print(f"saved {judge.identity} to {args.out} (C={judge.meta['C']}, {judge.meta['n_pairs']} pairs)")
     return 0
 
@@ -178,9 +197,10 @@ def cmd_judge_agreement(args) -> int:
     if args.judge is not None:
         return _agreement_of_trained_judge(args)
     eval_set, indices = _load_eval(args)
-    result = judge_agreement(eval_set, args.outputs, args.preferences, backbone=args.backbone,
-                             indices=indices, test_fraction=args.test_fraction,
-                             seed=args.seed, max_tokens=args.max_tokens, embed_cache_dir=default_embed_cache())
+    result = judge_agreement(eval_set, args.outputs, args.preferences, backbone=_backbone(args),
+                             indices=indices, test_fraction=args.test_fraction, seed=args.seed,
+                             max_tokens=args.max_tokens, embed_cache_dir=default_embed_cache(),
+                             text_features=args.text_features)
     print(format_agreement(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -207,7 +227,7 @@ def _agreement_of_trained_judge(args) -> int:
     if args.json:
         ours = result["judges"][spec]
         baselines = {"length_only": result["length_only"], **{k: v for k, v in result["judges"].items() if k != spec}}
-        payload = {"judge": spec, **ours, "held_out": bool(args.held_out), "baselines": baselines}
+        payload = {"judge": spec, **ours, "held_out": args.held_out or False, "baselines": baselines}
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 

@@ -18,8 +18,10 @@ built here at all. The built-in kinds:
     llm | llm:MODEL               a local causal LM as pairwise judge
     trained:FOLDER                a judge folder written by evaluation.trained_judge or evaluation.cross_encoder
     local | local:NAME            a trained judge folder: NAME, $SPI_CACHE_DIR/judges/NAME or the package's
-                                  judges_data/NAME (``minilm-bt`` is trained on first use from the AlpacaEval
-                                  data; ``minilm-ce`` by ``spi eval train-judge --kind cross-encoder``)
+                                  judges_data/NAME (``text-bt``, the default: text statistics + length;
+                                  ``minilm-bt``: MiniLM embeddings + length; both ship trained, else are
+                                  trained on first use from the AlpacaEval data; ``minilm-ce`` by
+                                  ``spi eval train-judge --kind cross-encoder``)
     alpaca_eval | alpaca_eval:CONFIG   the official API annotators (OPENAI_API_KEY or a client config)
 """
 
@@ -70,7 +72,7 @@ class JudgeKind:
 
 
 JUDGES: dict[str, JudgeKind] = {}
-DEFAULT_LOCAL_JUDGE = "minilm-bt"
+DEFAULT_LOCAL_JUDGE = "text-bt"
 
 
 def register_judge(name: str, *, syntax: str | None = None, **hooks):
@@ -140,7 +142,7 @@ def check_independent(spec: str, reward: dict, allow_same: bool = False) -> None
         raise JudgeSpecError(
             f"evaluation.judge '{spec}' is the reward model the experiment was trained on "
             f"({reward.get('kind')}:{reward.get('model')}); pick another judge "
-            "(e.g. local:minilm-bt or length) or allow it explicitly and report it"
+            "(e.g. local:text-bt or length) or allow it explicitly and report it"
         )
 
 

@@ -21,7 +21,13 @@ from spi.stagefiles import write_folder
 
 log = logging.getLogger("evaluation.judging")
 
-LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained judge sees
+LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained minilm-bt sees
+# How each named Bradley-Terry local judge is trained when absent (a name not listed: minilm-bt's settings).
+# text-bt needs no backbone, so it trains on every instruction in seconds.
+LOCAL_JUDGE_SETTINGS = {
+    "minilm-bt": {"backbone": "minilm-l6", "text_features": False, "n_instructions": LOCAL_JUDGE_INSTRUCTIONS},
+    "text-bt": {"backbone": None, "text_features": True, "n_instructions": None},
+}
 EMBEDDED_JUDGES = Path(__file__).resolve().parent / "judges_data"  # package data: trained heads
 HEAD_FILE = "judge_head.json"
 CROSS_ENCODER_JUDGES = {"minilm-ce"}  # local names of fine-tuned cross-encoders: never trained on first use
@@ -151,7 +157,7 @@ def embedded_judge_folder(name: str) -> Path:
 def local_judge_folder(name: str) -> Path:
     """Folder of the ``local:NAME`` judge, the first of: NAME itself when it is a folder; a judge trained
     under $SPI_CACHE_DIR/judges/NAME (the fit-local-judge flow writes there); the judge the package ships
-    (evaluation/judges_data/NAME, so ``local:minilm-bt`` needs no data and no training); else the cache
+    (evaluation/judges_data/NAME, so ``local:text-bt`` and ``local:minilm-bt`` need no data and no training); else the cache
     folder, where it would be trained."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -195,11 +201,12 @@ def check_local_judge(name: str) -> None:
 def ensure_local_judge(
     name: str = DEFAULT_LOCAL_JUDGE,
     data_dir: str | os.PathLike | None = None,
-    n_instructions: int | None = LOCAL_JUDGE_INSTRUCTIONS,
-    backbone: str = "minilm-l6",
     out: str | os.PathLike | None = None,
+    **settings,
 ) -> Path:
-    """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent."""
+    """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent, with
+    LOCAL_JUDGE_SETTINGS[name] (``backbone``, ``text_features``, ``n_instructions``: None = all) updated
+    by ``settings``."""
     folder = Path(out) if out else local_judge_folder(name)
     if (folder / HEAD_FILE).is_file():
         return folder
@@ -209,8 +216,12 @@ def ensure_local_judge(
     from evaluation.data import load_eval_set, subset
     from evaluation.trained_judge import default_embed_cache, train_judge
 
+    unknown = set(settings) - {"backbone", "text_features", "n_instructions"}
+    if unknown:
+        raise TypeError(f"ensure_local_judge: unknown settings {sorted(unknown)}")
+    settings = {**LOCAL_JUDGE_SETTINGS.get(name, LOCAL_JUDGE_SETTINGS["minilm-bt"]), **settings}
     eval_set = load_eval_set(data / "eval_set.jsonl")
-    indices = [e["index"] for e in subset(eval_set, n_instructions)]
+    indices = [e["index"] for e in subset(eval_set, settings["n_instructions"])]
     log.info("training local judge %s on %s (%d instructions)", name, data, len(indices))
     judge = None
 
@@ -221,7 +232,8 @@ def ensure_local_judge(
             data / "outputs",
             data / "preferences",
             tmp,
-            backbone=backbone,
+            backbone=settings["backbone"],
+            text_features=settings["text_features"],
             indices=indices,
             embed_cache_dir=default_embed_cache(),
         )

@@ -1,9 +1,10 @@
 """A local judge trained on GPT-4-turbo preferences, and an honest measure of its agreement.
 
-Model (Bradley-Terry): each answer x to instruction q gets a score s(q, x) = w . e(q, x) + a * log(1 + len(x)),
-where e is the mean-pooled, L2-normalised embedding of "q\\n\\nx" by a frozen backbone (default
-``minilm-l6``). P(output beats reference) = sigmoid(s(output) - s(reference)): a logistic regression
-without intercept on feature differences, fitted on soft labels p - 1 with an L2 penalty. No intercept
+Model (Bradley-Terry): each answer x to instruction q gets a score s(q, x) = w . f(q, x) + a * log(1 + len(x)),
+where f is the mean-pooled, L2-normalised embedding of "q\\n\\nx" by a frozen backbone (default
+``minilm-l6``; none for a judge without embeddings), and/or the statistics of x's text
+(:mod:`evaluation.text_features`, ``text_features=True``). P(output beats reference) =
+sigmoid(s(output) - s(reference)): a logistic regression without intercept on feature differences, fitted on soft labels p - 1 with an L2 penalty. No intercept
 keeps the judge antisymmetric (swap the answers, get 1 - P), so it works against any reference.
 
 Agreement (:func:`judge_agreement`) holds out models AND instructions at once: train on
@@ -104,12 +105,22 @@ class Embedder:
         return out
 
 
-def _answer_features(embedder: Embedder | None, instructions, answers) -> np.ndarray:
-    loglen = np.log1p([len(a) for a in answers])[:, None]
-    if embedder is None:
-        return loglen
-    emb = embedder.encode([f"{q}\n\n{a}" for q, a in zip(instructions, answers, strict=False)])
-    return np.hstack([emb, loglen])
+def _answer_features(embedder: Embedder | None, instructions, answers, text_features: bool = False) -> np.ndarray:
+    """Per-answer features: [embedding], [text statistics], log(1 + characters) last (the length column)."""
+    from .text_features import text_statistics_matrix
+
+    parts = []
+    if embedder is not None:
+        parts.append(embedder.encode([f"{q}\n\n{a}" for q, a in zip(instructions, answers, strict=False)]))
+    if text_features:
+        parts.append(text_statistics_matrix(answers))
+    parts.append(np.log1p([len(a) for a in answers])[:, None])
+    return np.hstack(parts)
+
+
+def _feature_differences(embedder, instructions, outputs, references, text_features: bool) -> np.ndarray:
+    return (_answer_features(embedder, instructions, outputs, text_features)
+            - _answer_features(embedder, instructions, references, text_features))
 
 
 def _sigmoid(z):
@@ -182,38 +193,42 @@ def collect_pairs(eval_set, outputs_dir, preferences_dir, *, models=None, indice
 
 
 class TrainedJudge:
-    """Bradley-Terry head on a frozen backbone (``backbone=None``: the length-only baseline)."""
+    """Bradley-Terry head on a frozen backbone and/or text statistics (neither: the length-only baseline)."""
 
     def __init__(self, coef: np.ndarray, backbone: str | None, max_tokens: int = 128, meta: dict | None = None,
-                 checksum: str | None = None, embed_cache_dir=None):
+                 checksum: str | None = None, embed_cache_dir=None, text_features: bool = False):
         self.coef, self.backbone, self.max_tokens = np.asarray(coef, dtype=float), backbone, int(max_tokens)
-        self.meta = meta or {}
+        self.meta, self.text_features = meta or {}, bool(text_features)
         self.embedder = Embedder(backbone, max_tokens, cache_dir=embed_cache_dir) if backbone else None
         digest = checksum or hashlib.sha256(self._payload().encode()).hexdigest()
-        self.identity = f"trained:{backbone or 'length-only'}:{digest[:16]}"
+        label = "+".join([*([backbone] if backbone else []), *(["text"] if text_features else [])]) or "length-only"
+        self.identity = f"trained:{label}:{digest[:16]}"
 
     def _payload(self) -> str:
-        return json.dumps({"coef": self.coef.tolist(), "backbone": self.backbone, "max_tokens": self.max_tokens,
-                           "meta": self.meta}, sort_keys=True)
+        data = {"coef": self.coef.tolist(), "backbone": self.backbone, "max_tokens": self.max_tokens, "meta": self.meta}
+        if self.text_features:  # absent = False, so judges saved before text features keep their bytes
+            data["text_features"] = True
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def fit(cls, instructions, outputs, references, preferences, *, backbone: str | None = "minilm-l6",
-            max_tokens: int = 128, C: float | str = "auto", groups=None, embed_cache_dir=None, meta=None) -> TrainedJudge:
+            max_tokens: int = 128, C: float | str = "auto", groups=None, embed_cache_dir=None, meta=None,
+            text_features: bool = False) -> TrainedJudge:
         """Fit on pairs; ``C="auto"`` picks the L2 strength by CV holding out groups (models) and instructions."""
         embedder = Embedder(backbone, max_tokens, cache_dir=embed_cache_dir) if backbone else None
-        diff = _answer_features(embedder, instructions, outputs) - _answer_features(embedder, instructions, references)
+        diff = _feature_differences(embedder, instructions, outputs, references, text_features)
         y = np.asarray(preferences, dtype=float) - 1.0
         if C == "auto":
             groups = groups if groups is not None else ["all"] * len(y)
             C = _choose_C(diff, y, groups, list(instructions))
         coef, _ = _fit_bt(diff, y, float(C))
         judge = cls(coef, backbone, max_tokens, meta={**(meta or {}), "C": C, "n_pairs": len(preferences)},
-                    embed_cache_dir=embed_cache_dir)
+                    embed_cache_dir=embed_cache_dir, text_features=text_features)
         judge.embedder = embedder or judge.embedder
         return judge
 
     def probability(self, instructions, outputs, references) -> np.ndarray:
-        diff = _answer_features(self.embedder, instructions, outputs) - _answer_features(self.embedder, instructions, references)
+        diff = _feature_differences(self.embedder, instructions, outputs, references, self.text_features)
         return _sigmoid(diff @ self.coef)
 
     def judge(self, instructions, outputs, references) -> list[float]:
@@ -237,11 +252,12 @@ class TrainedJudge:
             raise ValueError(f"{folder}: checksum mismatch ({actual[:12]} != {expected[:12]}); the judge was modified")
         data = json.loads(payload)
         return cls(data["coef"], data["backbone"], data["max_tokens"], data["meta"], checksum=actual,
-                   embed_cache_dir=embed_cache_dir)
+                   embed_cache_dir=embed_cache_dir, text_features=data.get("text_features", False))
 
 
 def train_judge(eval_set, outputs_dir, preferences_dir, out_dir, *, backbone: str | None = "minilm-l6",
-                models=None, indices=None, max_tokens: int = 128, C: float | str = "auto", embed_cache_dir=None) -> TrainedJudge:
+                models=None, indices=None, max_tokens: int = 128, C: float | str = "auto", embed_cache_dir=None,
+                text_features: bool = False) -> TrainedJudge:
     """Train a judge on every (model, instruction) preference in the folders and save it to ``out_dir``."""
     refs = {e["index"]: e for e in eval_set}
     pairs = collect_pairs(eval_set, outputs_dir, preferences_dir, models=models, indices=indices)
@@ -251,7 +267,7 @@ def train_judge(eval_set, outputs_dir, preferences_dir, out_dir, *, backbone: st
         [refs[i]["instruction"] for _, i, _, _ in pairs], [o for _, _, o, _ in pairs],
         [refs[i]["reference_output"] for _, i, _, _ in pairs], [p for *_, p in pairs],
         backbone=backbone, max_tokens=max_tokens, C=C, groups=[m for m, *_ in pairs], embed_cache_dir=embed_cache_dir,
-        meta={"models": sorted({m for m, *_ in pairs}), "n_instructions": len({i for _, i, _, _ in pairs})},
+        text_features=text_features, meta={"models": sorted({m for m, *_ in pairs}), "n_instructions": len({i for _, i, _, _ in pairs})},
     )
     judge.save(out_dir)
     return judge
@@ -295,9 +311,9 @@ def split_models_and_instructions(models: Sequence[str], indices: Sequence[int],
     return ([m for m in models if m not in test_m], test_m, [i for i in indices if i not in set(test_i)], test_i)
 
 
-def judge_agreement(eval_set, outputs_dir, preferences_dir, *, backbone: str = "minilm-l6", indices=None,
+def judge_agreement(eval_set, outputs_dir, preferences_dir, *, backbone: str | None = "minilm-l6", indices=None,
                     models=None, test_fraction: float = 0.3, seed: int = 0, C: float | str = "auto", max_tokens: int = 128,
-                    embed_cache_dir=None) -> dict[str, dict]:
+                    embed_cache_dir=None, text_features: bool = False) -> dict[str, dict]:
     """Train on (train models x train instructions), test on (test models x test instructions).
 
     Returns {"judge": metrics, "length_only": metrics, "split": {...}} for the backbone judge and the
@@ -319,8 +335,8 @@ def judge_agreement(eval_set, outputs_dir, preferences_dir, *, backbone: str = "
     result = {"split": {"train_models": train_m, "test_models": test_m, "n_train_instructions": len(train_i),
                         "n_test_instructions": len(test_i), "n_train_pairs": len(train), "n_test_pairs": len(test)}}
     q_te, o_te, r_te, p_te = columns(test)
-    for name, bb in (("judge", backbone), ("length_only", None)):
-        judge = TrainedJudge.fit(*columns(train), backbone=bb, C=C, max_tokens=max_tokens,
+    for name, bb, text in (("judge", backbone, text_features), ("length_only", None, False)):
+        judge = TrainedJudge.fit(*columns(train), backbone=bb, C=C, max_tokens=max_tokens, text_features=text,
                                  groups=[m for m, *_ in train], embed_cache_dir=embed_cache_dir)
         result["split"][f"{name}_C"] = judge.meta["C"]
         result[name] = agreement_metrics([m for m, *_ in test], judge.probability(q_te, o_te, r_te), p_te)

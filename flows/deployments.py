@@ -46,7 +46,7 @@ def deployments(recipe: str = "smoke", workdir: str = "runs") -> list:
             description="Nightly: score the champion guided policy (spi-k with all its value models) on the recipe's eval set.",
         ),
         fit_local_judge.to_deployment(
-            name="fit-judge", tags=tags, description="Train the local Bradley-Terry judge (minilm-bt)."
+            name="fit-judge", tags=tags, description="Train a local Bradley-Terry judge (default text-bt)."
         ),
         promote_value_model.to_deployment(
             name="promote",

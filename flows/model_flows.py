@@ -128,10 +128,10 @@ def _given_outputs(ctx: RunContext, references: dict, outputs: str) -> tuple[dic
 
 @flow(name="fit-local-judge", persist_result=False)
 def fit_local_judge(
-    name: str = "minilm-bt",
+    name: str = "text-bt",
     data_dir: str | None = None,
-    n_instructions: int | None = 100,
-    backbone: str = "minilm-l6",
+    n_instructions: int | None = None,
+    backbone: str | None = None,
     out: str | None = None,
     refit: bool = False,
     tracking_uri: str | None = None,
@@ -140,15 +140,17 @@ def fit_local_judge(
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
-    the copy the package ships for minilm-bt). The judge folder is logged as an artifact of a run of the
+    the copy the package ships for text-bt and minilm-bt). The judge folder is logged as an artifact of a run of the
     MLflow experiment ``local-judges`` and registered as a version of ``registered_model`` (alias
     candidate) with its fingerprint (the identity in judgement-cache keys) as the tag ``spi.judge``.
 
     Args:
         name: The judge's name, used as local:NAME.
         data_dir: Folder of AlpacaEval data (eval set, outputs, preferences); default $SPI_ALPACA_DATA.
-        n_instructions: Instructions whose preferences train the judge; null for all.
-        backbone: Sentence-embedding model under the head (built-in alias, folder or hub id).
+        n_instructions: Instructions whose preferences train the judge; null for the judge's own setting
+            (text-bt: all; minilm-bt: 100).
+        backbone: Sentence-embedding model under the head (built-in alias, folder or hub id); null for the
+            judge's own (text-bt: none, it reads text statistics; minilm-bt: minilm-l6).
         out: Folder to save the judge in; default $SPI_CACHE_DIR/judges/NAME.
         refit: Train again even when the judge exists.
         tracking_uri: MLflow tracking/registry URI; default MLFLOW_TRACKING_URI, the running stack's
@@ -165,7 +167,8 @@ def fit_local_judge(
         folder = judges_dir() / name
     if refit and folder.exists():
         shutil.rmtree(folder)
-    folder = ensure_local_judge(name, data_dir, n_instructions, backbone, out=folder)
+    given = {"n_instructions": n_instructions, "backbone": backbone}
+    folder = ensure_local_judge(name, data_dir, out=folder, **{k: v for k, v in given.items() if v is not None})
     meta = json.loads((folder / "judge_head.json").read_text())
     uri = resolve_tracking_uri(tracking_uri, workdir)
     model = registered_model or f"judge-{slug(name)}"

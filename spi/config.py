@@ -229,7 +229,7 @@ class EvaluationConfig(Section):
                                                  "ifbench:test, an IFEval-schema JSONL file, a hub id)")
     n_instructions: int | None = Field(32, ge=1)
     subset: Literal["first", "stratified"] = "first"
-    judge: str = Field("local:minilm-bt", description="judge spec; see evaluation/judges.py")
+    judge: str = Field("local:text-bt", description="judge spec; see evaluation/judges.py")
     reference_generator: str = Field("base-greedy", description="for the builtin set: who wrote the references")
 
     @model_validator(mode="after")

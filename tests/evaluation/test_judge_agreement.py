@@ -61,20 +61,24 @@ def test_judge_agreement_of_a_given_judge_writes_the_top_level_metrics(tmp_path,
 
 
 @needs("preferences")
-def test_held_out_evaluates_only_the_split_test_group(tmp_path):
+@pytest.mark.parametrize(("mode", "n_models", "n_instructions"),
+                         [(None, 11, 18), ("models", 11, 60), ("instructions", 36, 18)])
+def test_held_out_evaluates_only_the_split_test_group(tmp_path, mode, n_models, n_instructions):
     out = tmp_path / "agreement.json"
-    code = main(["judge-agreement", "--judge", "length", "--held-out", "--eval-set", str(DATA / "eval_set.jsonl"),
+    held_out = ["--held-out"] + ([mode] if mode else [])  # alone: held-out models x held-out instructions
+    code = main(["judge-agreement", "--judge", "length", *held_out, "--eval-set", str(DATA / "eval_set.jsonl"),
                  "--outputs", str(DATA / "outputs"), "--preferences", str(DATA / "preferences"),
                  "--n", "60", "--no-current", "--n-boot", "20", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert result["held_out"] is True and result["n_models"] == 11 and result["n_instructions"] == 18
+    assert result["held_out"] == (mode or "both")
+    assert result["n_models"] == n_models and result["n_instructions"] == n_instructions
     from evaluation.trained_judge import split_models_and_instructions
 
     all_models = sorted(p.name.removesuffix(".jsonl.gz") for p in (DATA / "preferences").glob("*.jsonl.gz")
                         if p.name != "gpt4_1106_preview.jsonl.gz")  # the references' own outputs: no pairs
     test_models = split_models_and_instructions(all_models, range(60), test_fraction=0.3, seed=0)[1]
-    assert sorted(result["per_model"]) == test_models
+    assert sorted(result["per_model"]) == (all_models if mode == "instructions" else test_models)
 
 
 @needs("preferences")
