@@ -23,8 +23,9 @@ from .length_control import (
     instruction_difficulty,
     length_controlled_win_rate,
     read_glm_weights,
+    read_instruction_difficulty,
 )
-from .metrics import win_rate_metrics
+from .metrics import NotEstimable, win_rate_metrics
 
 LEADERBOARD_KEYS = ("win_rate", "length_controlled_winrate", "lc_standard_error", "n_total")
 
@@ -45,6 +46,7 @@ def compute_leaderboard(
     use_difficulty: bool = True,
     regularize_lambda: float = 0.2,
     indices=None,
+    difficulty_path=None,
     log=None,
 ) -> dict[str, dict]:
     """{model: metrics} for every model with both an outputs and a preferences file.
@@ -52,6 +54,8 @@ def compute_leaderboard(
     ``gamed_weights_path``: alpaca_eval's glm_weights_length_controlled_v1.csv; with it and the gamed
     baselines' outputs in ``outputs_dir`` the GLM is regularised toward them, otherwise it is not
     (``regularized`` in each row says which). ``indices``: score only these instructions (a subset).
+    ``difficulty_path``: alpaca_eval's instruction_difficulty.csv, used instead of the joint fit (it must
+    cover every scored instruction).
     """
     keep = set(indices) if indices is not None else None
     references = {e["index"]: e["reference_output"] for e in eval_set if keep is None or e["index"] in keep}
@@ -62,7 +66,14 @@ def compute_leaderboard(
         missing = set(preferences[model]) - set(outputs[model])
         if missing:
             raise ValueError(f"{outputs_dir}/{model}: no output for judged indices {sorted(missing)[:5]}")
-    difficulty = instruction_difficulty(preferences, outputs, references) if use_difficulty else None
+    difficulty = None
+    if use_difficulty and difficulty_path:
+        difficulty = read_instruction_difficulty(difficulty_path)
+        missing = sorted(set(references) - set(difficulty))
+        if missing:
+            raise ValueError(f"{difficulty_path}: no difficulty for instructions {missing[:5]} ({len(missing)} missing)")
+    elif use_difficulty:
+        difficulty = instruction_difficulty(preferences, outputs, references)
     gamed: GamedRows | None = None
     if gamed_weights_path and difficulty is not None:
         weights = read_glm_weights(gamed_weights_path)
@@ -72,10 +83,14 @@ def compute_leaderboard(
     board = {}
     for model in scored:
         row = win_rate_metrics([preferences[model][i] for i in sorted(preferences[model])])
-        row.update(length_controlled_win_rate(
-            preferences[model], outputs[model], references,
-            difficulty=difficulty, gamed=gamed, regularize_lambda=regularize_lambda,
-        ))
+        try:
+            row.update(length_controlled_win_rate(
+                preferences[model], outputs[model], references,
+                difficulty=difficulty, gamed=gamed, regularize_lambda=regularize_lambda,
+            ))
+        except NotEstimable as err:  # this model's LC only: the rest of the board stands
+            row.update(length_controlled_winrate=None, lc_standard_error=None,
+                       not_available={"length_controlled_winrate": str(err)})
         row["avg_length"] = sum(len(o) for o in outputs[model].values()) / max(len(outputs[model]), 1)
         row["regularized"] = gamed is not None
         board[model] = row
@@ -86,10 +101,17 @@ def compute_leaderboard(
 
 def format_table(board: dict[str, dict], sort_by: str = "length_controlled_winrate") -> str:
     """A plain-text table, best first."""
+    def number(value, width: int) -> str:
+        return f"{value:{width}.2f}" if value is not None else f"{'n/a':>{width}}"
+
     lines = [f"{'model':<44} {'LC win':>7} {'LC se':>6} {'win':>7} {'se':>5} {'n':>5} {'avg len':>8}"]
-    for model, r in sorted(board.items(), key=lambda kv: -kv[1].get(sort_by, 0.0)):
+    def best_first(item):
+        value = item[1].get(sort_by)
+        return (value is None, -(value or 0.0))
+
+    for model, r in sorted(board.items(), key=best_first):
         lines.append(
-            f"{model[:44]:<44} {r['length_controlled_winrate']:7.2f} {r['lc_standard_error']:6.2f} "
+            f"{model[:44]:<44} {number(r['length_controlled_winrate'], 7)} {number(r['lc_standard_error'], 6)} "
             f"{r['win_rate']:7.2f} {r['standard_error']:5.2f} {r['n_total']:5d} {r.get('avg_length', 0):8.0f}"
         )
     return "\n".join(lines)
@@ -110,7 +132,7 @@ def compare_with_published(board: dict[str, dict], leaderboard_csv) -> dict[str,
     from scipy.stats import spearmanr
 
     published = pd.read_csv(leaderboard_csv, index_col=0)
-    common = [m for m in board if m in published.index]
+    common = [m for m in board if m in published.index and board[m]["length_controlled_winrate"] is not None]
     ours = np.array([board[m]["length_controlled_winrate"] for m in common])
     theirs = published.loc[common, "length_controlled_winrate"].to_numpy(float)
     raw_err = max(abs(board[m]["win_rate"] - published.loc[m, "win_rate"]) for m in common)

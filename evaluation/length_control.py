@@ -11,7 +11,8 @@ lambda / 2 each and no theta, which pulls phi and psi toward values that a pure 
 exploit (regularisation toward the gamed baselines). LC = 100 * mean_i sigmoid(theta + psi * difficulty_i).
 
 Instruction difficulty comes from :func:`instruction_difficulty`, a joint fit over whatever models'
-preferences are given (per-model bias and length slope, one effect per instruction). The gamed
+preferences are given (per-model bias and length slope, one effect per instruction), or from alpaca_eval's
+own instruction_difficulty.csv when the user has it (:func:`read_instruction_difficulty`). The gamed
 baselines' annotations are not public: :func:`gamed_baseline_rows` rebuilds their soft labels from their
 outputs and their published GLM weights. No scored model is ever looked up by name.
 
@@ -176,6 +177,24 @@ def instruction_difficulty(
     d = {indices[0]: 0.0, **{idx: float(result.x[2 * n_models + j]) for idx, j in col_of.items()}}
     shift = float(np.mean(list(d.values()))) if centre else 0.0
     return {idx: v - shift for idx, v in d.items()}
+
+
+def read_instruction_difficulty(path) -> dict[int, float]:
+    """alpaca_eval's instruction_difficulty.csv (the hub file behind the official LC v1: a header, then
+    ``index,instruction_difficulty`` rows) as {index: d}; errors name the file and the row."""
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if len(rows) < 2 or len(rows[0]) < 2:
+        raise ValueError(f"{path}: expected a header and rows 'index,instruction_difficulty'")
+    difficulty = {}
+    for number, row in enumerate(rows[1:], start=2):
+        try:
+            difficulty[int(row[0])] = float(row[1])
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{path}: row {number}: expected 'index,instruction_difficulty', got {row}") from err
+    return difficulty
 
 
 # ----------------------------------------------------------------------------- gamed baselines

@@ -140,3 +140,43 @@ def test_plot_helper(tmp_path):
     path = plot_win_rates({"SPI": [(0, 50.0), (1, 55.0), (2, 58.0)], "BoN": [(0, 50.0), (2, 53.0)]},
                           tmp_path / "wr.png", xlabel="iteration", errors={"SPI": [1.0, 1.2, 1.1]})
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_an_instruction_difficulty_file_replaces_the_joint_fit(tmp_path, capsys):
+    """alpaca_eval's instruction_difficulty.csv layout: the official LC's difficulty, when a user has the file."""
+    from evaluation.cli import main
+    from evaluation.leaderboard import compute_leaderboard
+
+    es = load_eval_set(DATA)
+    indices = [e["index"] for e in es[:60]]
+    keep = set(indices)
+    refs = {e["index"]: e["reference_output"] for e in es if e["index"] in keep}
+    prefs = load_folder(DATA / "preferences", "preference", es, keep=keep)
+    outs = load_folder(DATA / "outputs", "output", es, allow_empty=True, keep=keep)
+    fitted = instruction_difficulty(prefs, outs, refs)
+    shifted = {i: 2.0 * d + 0.5 for i, d in fitted.items()}  # another scale: the LC must change with it
+    csv = tmp_path / "instruction_difficulty.csv"
+    csv.write_text("index,instruction_difficulty\n" + "".join(f"{i},{d!r}\n" for i, d in shifted.items()))
+    args = dict(eval_set=es, outputs_dir=DATA / "outputs", preferences_dir=DATA / "preferences", indices=indices)
+    from_file = compute_leaderboard(**args, difficulty_path=csv)
+    refit = compute_leaderboard(**args)
+    # on 60 instructions a few models' GLMs do not converge: their LC is n/a with the reason, the board stands
+    failed = {m: r["not_available"] for m, r in refit.items() if r["length_controlled_winrate"] is None}
+    assert len(refit) == 37 and 0 < len(failed) < 10
+    assert all("did not converge" in reason["length_controlled_winrate"] for reason in failed.values())
+    model = "claude-2"
+    assert from_file[model]["psi"] != pytest.approx(refit[model]["psi"])
+    d = shifted  # the file's values reach the GLM unchanged: its LC is the one computed with them directly
+    direct = length_controlled_win_rate(prefs[model], outs[model], refs, difficulty=d)
+    unregularised = compute_leaderboard(**args, difficulty_path=csv, regularize_lambda=0.0)
+    assert unregularised[model]["length_controlled_winrate"] == pytest.approx(direct["length_controlled_winrate"])
+
+    csv.write_text("index,instruction_difficulty\n0,0.1\n1,oops\n")
+    code = main(["leaderboard", "--eval-set", str(DATA / "eval_set.jsonl"), "--outputs", str(DATA / "outputs"),
+                 "--preferences", str(DATA / "preferences"), "--n", "60", "--out", str(tmp_path / "lb.json"),
+                 "--instruction-difficulty", str(csv)])
+    assert code == 2 and f"{csv}: row 3" in capsys.readouterr().err
+    csv.write_text("index,instruction_difficulty\n0,0.1\n")
+    with pytest.raises(ValueError, match="no difficulty for instructions"):
+        compute_leaderboard(**args, difficulty_path=csv)
