@@ -5,6 +5,8 @@ ranks unseen models better than one on frozen sentence embeddings: the embedding
 which training model wrote an answer, these few weights learn how answers are written (structure,
 degenerate repetition, refusals, cut-off endings), which carries over to models never seen.
 Every feature is a function of the answer alone, so a judge using them stays antisymmetric.
+The share of non-Latin letters was tried and dropped: it changed no held-out figure, and its positive
+weight would have favoured an answer in the wrong script.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ FEATURE_NAMES = (
     "repeated_lines",
     "refusal_opening",
     "log_typographic_marks",
-    "non_latin_letters",
     "ends_mid_sentence",
     "log_mean_word_length",
 )
@@ -55,7 +56,6 @@ def text_statistics(answer: str) -> list[float]:
         _repeated_fraction(lines),
         float(bool(_REFUSAL.search(answer[:300]))),
         float(np.log1p(sum(c in _TYPOGRAPHIC for c in answer))),
-        sum(c.isalpha() and ord(c) > 0x24F for c in answer) / max(len(answer), 1),
         float(not stripped or stripped[-1] not in _SENTENCE_END),
         float(np.log1p(np.mean([len(w) for w in words]))) if words else 0.0,
     ]
