@@ -57,9 +57,14 @@ def add_eval_commands(subparsers) -> None:
                         "fine-tuned end to end (about an hour on 2 cores; resumable, see --max-minutes)")
     _feature_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="default 128 (bradley-terry), 256 (cross-encoder)")
-    p.add_argument("--train-split", action="store_true",
-                   help="train only on the training group of judge-agreement's split (--test-fraction, --seed), "
-                        "so that judge-agreement --held-out measures it on models and instructions it never saw")
+    p.add_argument("--train-split", nargs="?", const="both", default=None, choices=("both", "models"),
+                   help="train only on the training group of judge-agreement's split (--test-fraction, --seed): "
+                        "both (alone) = the training models x the training instructions, so that judge-agreement "
+                        "--held-out measures it on models and instructions it never saw; models = the training "
+                        "models on every instruction (for --held-out models)")
+    p.add_argument("--instruction-offsets", action="store_true",
+                   help="bradley-terry: learn an offset per (instruction, reference) seen in training (how hard "
+                        "that reference is to beat); applied only to the same instruction and reference")
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="cross-encoder: optimisation steps")
@@ -155,15 +160,15 @@ def _split_groups(args, eval_set, indices):
     """(models, indices) to use: all, or the training / held-out group of judge-agreement's split."""
     from .trained_judge import collect_pairs, split_models_and_instructions
 
-    held_out = getattr(args, "held_out", None)
-    if not getattr(args, "train_split", False) and held_out is None:
+    held_out, train_split = getattr(args, "held_out", None), getattr(args, "train_split", None)
+    if train_split is None and held_out is None:
         return None, indices
     pairs = collect_pairs(eval_set, args.outputs, args.preferences, indices=indices)
     train_m, test_m, train_i, test_i = split_models_and_instructions(
         sorted({m for m, *_ in pairs}), sorted({i for _, i, _, _ in pairs}), test_fraction=args.test_fraction,
         seed=args.seed)
-    if getattr(args, "train_split", False):
-        return train_m, train_i
+    if train_split is not None:
+        return train_m, (train_i if train_split == "both" else indices)
     return (test_m if held_out in ("both", "models") else None), (test_i if held_out in ("both", "instructions") else indices)
 
 
@@ -186,7 +191,7 @@ def cmd_train_judge(args) -> int:
         return 0
     judge = train_judge(eval_set, args.outputs, args.preferences, args.out, backbone=_backbone(args), models=models,
                         indices=indices, max_tokens=args.max_tokens or 128, embed_cache_dir=default_embed_cache(),
-                        text_features=args.text_features)
+                        text_features=args.text_features, instruction_offsets=args.instruction_offsets)
     print(f"saved {judge.identity} to {args.out} (C={judge.meta['C']}, {judge.meta['n_pairs']} pairs)")
     return 0
 

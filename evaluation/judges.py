@@ -18,7 +18,8 @@ built here at all. The built-in kinds:
     llm | llm:MODEL               a local causal LM as pairwise judge
     trained:FOLDER                a judge folder written by evaluation.trained_judge or evaluation.cross_encoder
     local | local:NAME            a trained judge folder: NAME, $SPI_CACHE_DIR/judges/NAME or the package's
-                                  judges_data/NAME (``text-bt``, the default: text statistics + length;
+                                  judges_data/NAME (``text-bt``, the default: text statistics + length,
+                                  with offsets for the AlpacaEval instructions;
                                   ``minilm-bt``: MiniLM embeddings + length; both ship trained, else are
                                   trained on first use from the AlpacaEval data; ``minilm-ce`` by
                                   ``spi eval train-judge --kind cross-encoder``)

@@ -23,10 +23,12 @@ log = logging.getLogger("evaluation.judging")
 
 LOCAL_JUDGE_INSTRUCTIONS = 100  # AlpacaEval instructions (x ~37 models) the auto-trained minilm-bt sees
 # How each named Bradley-Terry local judge is trained when absent (a name not listed: minilm-bt's settings).
-# text-bt needs no backbone, so it trains on every instruction in seconds.
+# text-bt needs no backbone, so it trains on every instruction in seconds; its offsets per AlpacaEval
+# instruction apply only where the reference is the one it was trained against.
 LOCAL_JUDGE_SETTINGS = {
-    "minilm-bt": {"backbone": "minilm-l6", "text_features": False, "n_instructions": LOCAL_JUDGE_INSTRUCTIONS},
-    "text-bt": {"backbone": None, "text_features": True, "n_instructions": None},
+    "minilm-bt": {"backbone": "minilm-l6", "text_features": False, "instruction_offsets": False,
+                  "n_instructions": LOCAL_JUDGE_INSTRUCTIONS},
+    "text-bt": {"backbone": None, "text_features": True, "instruction_offsets": True, "n_instructions": None},
 }
 EMBEDDED_JUDGES = Path(__file__).resolve().parent / "judges_data"  # package data: trained heads
 HEAD_FILE = "judge_head.json"
@@ -205,7 +207,8 @@ def ensure_local_judge(
     **settings,
 ) -> Path:
     """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent, with
-    LOCAL_JUDGE_SETTINGS[name] (``backbone``, ``text_features``, ``n_instructions``: None = all) updated
+    LOCAL_JUDGE_SETTINGS[name] (``backbone``, ``text_features``, ``instruction_offsets``, ``n_instructions``:
+    None = all) updated
     by ``settings``."""
     folder = Path(out) if out else local_judge_folder(name)
     if (folder / HEAD_FILE).is_file():
@@ -216,7 +219,7 @@ def ensure_local_judge(
     from evaluation.data import load_eval_set, subset
     from evaluation.trained_judge import default_embed_cache, train_judge
 
-    unknown = set(settings) - {"backbone", "text_features", "n_instructions"}
+    unknown = set(settings) - {"backbone", "text_features", "instruction_offsets", "n_instructions"}
     if unknown:
         raise TypeError(f"ensure_local_judge: unknown settings {sorted(unknown)}")
     settings = {**LOCAL_JUDGE_SETTINGS.get(name, LOCAL_JUDGE_SETTINGS["minilm-bt"]), **settings}
@@ -234,6 +237,7 @@ def ensure_local_judge(
             tmp,
             backbone=settings["backbone"],
             text_features=settings["text_features"],
+            instruction_offsets=settings["instruction_offsets"],
             indices=indices,
             embed_cache_dir=default_embed_cache(),
         )

@@ -131,8 +131,13 @@ LENGTH_BOOST = 30.0
 C_GRID = (0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def _fit_bt(diff: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
-    """Soft-label logistic regression without intercept on feature differences; returns (coef, scale)."""
+def pair_key(instruction: str, reference: str) -> str:
+    """The key of an instruction's offset: the instruction with the exact reference it was learned against."""
+    return hashlib.sha256(json.dumps([instruction, reference]).encode()).hexdigest()[:16]
+
+
+def _fit_bt(diff: np.ndarray, y: np.ndarray, C: float) -> np.ndarray:
+    """Soft-label logistic regression without intercept on feature differences; returns the coefficients."""
     from sklearn.linear_model import LogisticRegression
 
     scale = np.sqrt((diff ** 2).mean(axis=0)) + 1e-8  # no centring: keeps antisymmetry
@@ -144,7 +149,21 @@ def _fit_bt(diff: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.n
     keep = w > 0
     model = LogisticRegression(C=C, l1_ratio=0.0, fit_intercept=False, max_iter=2000)
     model.fit(X[keep], t[keep], sample_weight=w[keep])
-    return model.coef_[0] / scale, scale
+    return model.coef_[0] / scale
+
+
+def _fit_offsets(z: np.ndarray, y: np.ndarray, keys: Sequence[str], strength: float,
+                 iterations: int = 50) -> dict[str, float]:
+    """One offset per key on top of the fixed scores ``z``: soft log-loss of sigmoid(z + d_key) plus
+    d_key ** 2 / (2 * strength), solved by Newton's method for all keys at once."""
+    names, row_key = np.unique(np.asarray(keys), return_inverse=True)
+    d = np.zeros(len(names))
+    for _ in range(iterations):
+        p = _sigmoid(z + d[row_key])
+        gradient = np.bincount(row_key, p - y, len(names)) + d / strength
+        curvature = np.bincount(row_key, p * (1 - p), len(names)) + 1 / strength
+        d -= gradient / curvature
+    return {str(k): round(float(v), 6) for k, v in zip(names, d, strict=True)}
 
 
 def _choose_C(diff: np.ndarray, y: np.ndarray, models: Sequence, instructions: Sequence, grid=C_GRID,
@@ -168,8 +187,32 @@ def _choose_C(diff: np.ndarray, y: np.ndarray, models: Sequence, instructions: S
             train, test = (fm != k) & (fi != k), (fm == k) & (fi == k)
             if not train.any() or not test.any():
                 continue
-            coef, _ = _fit_bt(diff[train], y[train], C)
+            coef = _fit_bt(diff[train], y[train], C)
             p = np.clip(_sigmoid(diff[test] @ coef), 1e-9, 1 - 1e-9)
+            loss -= (y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum()
+        losses.append(loss)
+    return float(grid[int(np.argmin(losses))])
+
+
+OFFSET_STRENGTHS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # prior variance of an offset (logit units squared)
+
+
+def _choose_offset_strength(z: np.ndarray, y: np.ndarray, models: Sequence, keys: Sequence[str],
+                            grid=OFFSET_STRENGTHS, n_splits: int = 3) -> float:
+    """Pick the offsets' prior by soft log-loss on folds that hold out models only: offsets serve unseen
+    models on instructions (and references) seen in training, which is what these folds test."""
+    names = sorted(set(models))
+    if len(names) < 2:
+        return 1.0
+    fold = dict(zip(names, np.random.default_rng(0).permutation(len(names)) % n_splits, strict=False))
+    fm, keys = np.array([fold[m] for m in models]), np.asarray(keys)
+    losses = []
+    for strength in grid:
+        loss = 0.0
+        for k in range(n_splits):
+            train, test = fm != k, fm == k
+            offsets = _fit_offsets(z[train], y[train], keys[train], strength)
+            p = np.clip(_sigmoid(z[test] + np.array([offsets.get(key, 0.0) for key in keys[test]])), 1e-9, 1 - 1e-9)
             loss -= (y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum()
         losses.append(loss)
     return float(grid[int(np.argmin(losses))])
@@ -193,12 +236,15 @@ def collect_pairs(eval_set, outputs_dir, preferences_dir, *, models=None, indice
 
 
 class TrainedJudge:
-    """Bradley-Terry head on a frozen backbone and/or text statistics (neither: the length-only baseline)."""
+    """Bradley-Terry head on a frozen backbone and/or text statistics (neither: the length-only baseline),
+    with optional per-instruction offsets learned against the training references (``offsets``: {pair_key:
+    value}; an instruction or reference not seen in training gets none)."""
 
     def __init__(self, coef: np.ndarray, backbone: str | None, max_tokens: int = 128, meta: dict | None = None,
-                 checksum: str | None = None, embed_cache_dir=None, text_features: bool = False):
+                 checksum: str | None = None, embed_cache_dir=None, text_features: bool = False,
+                 offsets: dict[str, float] | None = None):
         self.coef, self.backbone, self.max_tokens = np.asarray(coef, dtype=float), backbone, int(max_tokens)
-        self.meta, self.text_features = meta or {}, bool(text_features)
+        self.meta, self.text_features, self.offsets = meta or {}, bool(text_features), dict(offsets or {})
         self.embedder = Embedder(backbone, max_tokens, cache_dir=embed_cache_dir) if backbone else None
         digest = checksum or hashlib.sha256(self._payload().encode()).hexdigest()
         label = "+".join([*([backbone] if backbone else []), *(["text"] if text_features else [])]) or "length-only"
@@ -208,28 +254,40 @@ class TrainedJudge:
         data = {"coef": self.coef.tolist(), "backbone": self.backbone, "max_tokens": self.max_tokens, "meta": self.meta}
         if self.text_features:  # absent = False, so judges saved before text features keep their bytes
             data["text_features"] = True
+        if self.offsets:
+            data["instruction_offsets"] = self.offsets
         return json.dumps(data, sort_keys=True)
 
     @classmethod
     def fit(cls, instructions, outputs, references, preferences, *, backbone: str | None = "minilm-l6",
             max_tokens: int = 128, C: float | str = "auto", groups=None, embed_cache_dir=None, meta=None,
-            text_features: bool = False) -> TrainedJudge:
-        """Fit on pairs; ``C="auto"`` picks the L2 strength by CV holding out groups (models) and instructions."""
+            text_features: bool = False, instruction_offsets: bool = False) -> TrainedJudge:
+        """Fit on pairs; ``C="auto"`` picks the L2 strength by CV holding out groups (models) and instructions.
+        ``instruction_offsets`` then adds an offset per (instruction, reference) on top of the fitted scores
+        (which it leaves unchanged), its prior picked by CV holding out groups."""
         embedder = Embedder(backbone, max_tokens, cache_dir=embed_cache_dir) if backbone else None
         diff = _feature_differences(embedder, instructions, outputs, references, text_features)
         y = np.asarray(preferences, dtype=float) - 1.0
+        groups = groups if groups is not None else ["all"] * len(y)
         if C == "auto":
-            groups = groups if groups is not None else ["all"] * len(y)
             C = _choose_C(diff, y, groups, list(instructions))
-        coef, _ = _fit_bt(diff, y, float(C))
-        judge = cls(coef, backbone, max_tokens, meta={**(meta or {}), "C": C, "n_pairs": len(preferences)},
-                    embed_cache_dir=embed_cache_dir, text_features=text_features)
+        coef = _fit_bt(diff, y, float(C))
+        offsets, extra = {}, {}
+        if instruction_offsets:
+            keys = [pair_key(q, r) for q, r in zip(instructions, references, strict=True)]
+            extra["offset_strength"] = _choose_offset_strength(diff @ coef, y, groups, keys)
+            offsets = _fit_offsets(diff @ coef, y, keys, extra["offset_strength"])
+        judge = cls(coef, backbone, max_tokens, meta={**(meta or {}), "C": C, "n_pairs": len(preferences), **extra},
+                    embed_cache_dir=embed_cache_dir, text_features=text_features, offsets=offsets)
         judge.embedder = embedder or judge.embedder
         return judge
 
     def probability(self, instructions, outputs, references) -> np.ndarray:
         diff = _feature_differences(self.embedder, instructions, outputs, references, self.text_features)
-        return _sigmoid(diff @ self.coef)
+        z = diff @ self.coef
+        if self.offsets:
+            z = z + np.array([self.offsets.get(pair_key(q, r), 0.0) for q, r in zip(instructions, references, strict=True)])
+        return _sigmoid(z)
 
     def judge(self, instructions, outputs, references) -> list[float]:
         return (1.0 + self.probability(instructions, outputs, references)).tolist()
@@ -252,12 +310,13 @@ class TrainedJudge:
             raise ValueError(f"{folder}: checksum mismatch ({actual[:12]} != {expected[:12]}); the judge was modified")
         data = json.loads(payload)
         return cls(data["coef"], data["backbone"], data["max_tokens"], data["meta"], checksum=actual,
-                   embed_cache_dir=embed_cache_dir, text_features=data.get("text_features", False))
+                   embed_cache_dir=embed_cache_dir, text_features=data.get("text_features", False),
+                   offsets=data.get("instruction_offsets"))
 
 
 def train_judge(eval_set, outputs_dir, preferences_dir, out_dir, *, backbone: str | None = "minilm-l6",
                 models=None, indices=None, max_tokens: int = 128, C: float | str = "auto", embed_cache_dir=None,
-                text_features: bool = False) -> TrainedJudge:
+                text_features: bool = False, instruction_offsets: bool = False) -> TrainedJudge:
     """Train a judge on every (model, instruction) preference in the folders and save it to ``out_dir``."""
     refs = {e["index"]: e for e in eval_set}
     pairs = collect_pairs(eval_set, outputs_dir, preferences_dir, models=models, indices=indices)
@@ -267,7 +326,7 @@ def train_judge(eval_set, outputs_dir, preferences_dir, out_dir, *, backbone: st
         [refs[i]["instruction"] for _, i, _, _ in pairs], [o for _, _, o, _ in pairs],
         [refs[i]["reference_output"] for _, i, _, _ in pairs], [p for *_, p in pairs],
         backbone=backbone, max_tokens=max_tokens, C=C, groups=[m for m, *_ in pairs], embed_cache_dir=embed_cache_dir,
-        text_features=text_features, meta={"models": sorted({m for m, *_ in pairs}), "n_instructions": len({i for _, i, _, _ in pairs})},
+        text_features=text_features, instruction_offsets=instruction_offsets, meta={"models": sorted({m for m, *_ in pairs}), "n_instructions": len({i for _, i, _, _ in pairs})},
     )
     judge.save(out_dir)
     return judge

@@ -53,6 +53,7 @@ def test_shipped_head_is_small_and_intact(name):
     assert head["backbone"] == settings["backbone"]
     assert head.get("text_features", False) == settings["text_features"]
     assert head["meta"]["n_instructions"] == (settings["n_instructions"] or 805)
+    assert bool(head.get("instruction_offsets")) == settings["instruction_offsets"]
 
 
 def test_default_judge_resolves_without_data_or_training(no_data, monkeypatch):
@@ -103,8 +104,12 @@ def test_retraining_reproduces_the_shipped_judge(tmp_path, name):
     out = ensure_local_judge(name, DATA, out=tmp_path / "retrained")
     fresh = json.loads((out / "judge_head.json").read_text())
     shipped = json.loads((embedded_judge_folder(name) / "judge_head.json").read_text())
-    assert {k: v for k, v in fresh.items() if k != "coef"} == {k: v for k, v in shipped.items() if k != "coef"}
+    numbers = ("coef", "instruction_offsets")
+    assert {k: v for k, v in fresh.items() if k not in numbers} == {k: v for k, v in shipped.items() if k not in numbers}
     np.testing.assert_allclose(fresh["coef"], shipped["coef"], rtol=1e-4, atol=1e-6)
+    offsets = shipped.get("instruction_offsets", {})
+    assert fresh.get("instruction_offsets", {}).keys() == offsets.keys()
+    np.testing.assert_allclose([fresh["instruction_offsets"][k] for k in offsets], list(offsets.values()), atol=1e-4)
     # the same decisions on a sample of pairs the judge was not trained on (instructions 700..739)
     rows = [e for e in load_eval_set(DATA / "eval_set.jsonl") if 700 <= e["index"] < 740]
     outputs = [e["reference_output"][: len(e["reference_output"]) // 2] + " ok" for e in rows]

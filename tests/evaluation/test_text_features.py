@@ -1,6 +1,8 @@
-"""The text-statistics judge (local:text-bt): its features on hand-made answers, and on the AlpacaEval data
-that it ranks held-out models better than length alone and than frozen embeddings do."""
+"""The text-statistics judge (local:text-bt): its features on hand-made answers, its per-instruction offsets
+on a synthetic case, and on the AlpacaEval data that it judges held-out models better than length alone and
+that the offsets help unseen models on known instructions while changing nothing elsewhere."""
 
+import numpy as np
 import pytest
 
 from evaluation.text_features import FEATURE_NAMES, text_statistics, text_statistics_matrix
@@ -56,3 +58,58 @@ def test_text_statistics_rank_held_out_models_better_than_length():
     assert text["auc_decisive"] > length["auc_decisive"] + 0.01
     assert text["model_rank_spearman"] > length["model_rank_spearman"] + 0.05
     assert text["winrate_error"] < length["winrate_error"] - 1.0
+
+
+def test_offsets_recover_instruction_effects_and_shrink_with_few_rows():
+    from evaluation.trained_judge import _fit_offsets
+
+    rng = np.random.default_rng(0)
+    truth = {f"k{j}": float(v) for j, v in enumerate(rng.normal(0, 1.5, 40))}
+    keys = [f"k{j}" for j in range(40) for _ in range(200)]
+    z = rng.normal(0, 1, len(keys))
+    y = 1 / (1 + np.exp(-(z + np.array([truth[k] for k in keys]))))  # soft labels: the expected preference
+    offsets = _fit_offsets(z, y, keys, strength=100.0)
+    assert np.corrcoef([offsets[k] for k in truth], list(truth.values()))[0, 1] > 0.99
+    assert max(abs(offsets[k] - v) for k, v in truth.items()) < 0.1
+    few = _fit_offsets(z[:2], y[:2], keys[:2], strength=0.01)  # a strong prior: two rows barely move it
+    assert abs(few["k0"]) < 0.05 * abs(truth["k0"]) + 1e-3
+
+
+@needs("preferences")
+def test_offsets_help_unseen_models_on_known_instructions_only():
+    """Trained on 26 models x all 805 instructions; tested on the other 11 models. Measured 2026-12-02 (seed 0):
+    AUC 0.874 -> 0.922 and win-rate MAE 10.0 -> 6.2 points with the offsets."""
+    from evaluation.data import load_eval_set
+    from evaluation.trained_judge import (
+        TrainedJudge,
+        agreement_metrics,
+        collect_pairs,
+        split_models_and_instructions,
+    )
+
+    eval_set = load_eval_set(DATA / "eval_set.jsonl")
+    refs = {e["index"]: e for e in eval_set}
+    pairs = collect_pairs(eval_set, DATA / "outputs", DATA / "preferences")
+    train_models, test_models, _, _ = split_models_and_instructions(sorted({p[0] for p in pairs}), [0])
+    train = [p for p in pairs if p[0] in train_models]
+    test = [p for p in pairs if p[0] in test_models]
+
+    def columns(rows):
+        return ([refs[i]["instruction"] for _, i, _, _ in rows], [o for _, _, o, _ in rows],
+                [refs[i]["reference_output"] for _, i, _, _ in rows], [p for *_, p in rows])
+
+    q, o, r, p = columns(train)
+    groups = [m for m, *_ in train]
+    plain = TrainedJudge.fit(q, o, r, p, backbone=None, text_features=True, groups=groups)
+    offset = TrainedJudge.fit(q, o, r, p, backbone=None, text_features=True, groups=groups, instruction_offsets=True)
+    np.testing.assert_array_equal(plain.coef, offset.coef)  # the offsets sit on top of the same scores
+    assert len(offset.offsets) == 805 and offset.meta["offset_strength"] > 0
+    q, o, r, p = columns(test)
+    before = agreement_metrics([m for m, *_ in test], plain.probability(q, o, r), p)
+    after = agreement_metrics([m for m, *_ in test], offset.probability(q, o, r), p)
+    print(f"\nunseen models x all instructions: without offsets {before}\nwith offsets {after}")
+    assert after["auc_decisive"] > before["auc_decisive"] + 0.02
+    assert after["winrate_error"] < before["winrate_error"] - 1.0
+    other_reference = [x + " (another reference)" for x in r[:50]]  # no offset for a reference it never saw
+    np.testing.assert_allclose(offset.probability(q[:50], o[:50], other_reference),
+                               plain.probability(q[:50], o[:50], other_reference))
