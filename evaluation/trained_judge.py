@@ -4,8 +4,10 @@ Model (Bradley-Terry): each answer x to instruction q gets a score s(q, x) = w .
 where f is the mean-pooled, L2-normalised embedding of "q\\n\\nx" by a frozen backbone (default
 ``minilm-l6``; none for a judge without embeddings), and/or the statistics of x's text
 (:mod:`evaluation.text_features`, ``text_features=True``). P(output beats reference) =
-sigmoid(s(output) - s(reference)): a logistic regression without intercept on feature differences, fitted on soft labels p - 1 with an L2 penalty. No intercept
-keeps the judge antisymmetric (swap the answers, get 1 - P), so it works against any reference.
+sigmoid(s(output) - s(reference)): a logistic regression without intercept on feature differences,
+fitted on soft labels p - 1 with an L2 penalty. No intercept keeps the judge antisymmetric (swap the
+answers, get 1 - P), so it works against any reference. ``instruction_offsets`` adds, on top of that
+score, an offset per (instruction, reference) seen in training: how hard that reference is to beat.
 
 Agreement (:func:`judge_agreement`) holds out models AND instructions at once: train on
 (train models x train instructions), test on (test models x test instructions), and compares with a
@@ -127,6 +129,12 @@ def _sigmoid(z):
     return np.exp(-np.logaddexp(0.0, -z))
 
 
+def _soft_log_loss(y: np.ndarray, z: np.ndarray) -> float:
+    """Summed log-loss of soft labels ``y`` under P = sigmoid(z)."""
+    p = np.clip(_sigmoid(z), 1e-9, 1 - 1e-9)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum())
+
+
 LENGTH_BOOST = 30.0
 C_GRID = (0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -187,9 +195,7 @@ def _choose_C(diff: np.ndarray, y: np.ndarray, models: Sequence, instructions: S
             train, test = (fm != k) & (fi != k), (fm == k) & (fi == k)
             if not train.any() or not test.any():
                 continue
-            coef = _fit_bt(diff[train], y[train], C)
-            p = np.clip(_sigmoid(diff[test] @ coef), 1e-9, 1 - 1e-9)
-            loss -= (y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum()
+            loss += _soft_log_loss(y[test], diff[test] @ _fit_bt(diff[train], y[train], C))
         losses.append(loss)
     return float(grid[int(np.argmin(losses))])
 
@@ -212,8 +218,7 @@ def _choose_offset_strength(z: np.ndarray, y: np.ndarray, models: Sequence, keys
         for k in range(n_splits):
             train, test = fm != k, fm == k
             offsets = _fit_offsets(z[train], y[train], keys[train], strength)
-            p = np.clip(_sigmoid(z[test] + np.array([offsets.get(key, 0.0) for key in keys[test]])), 1e-9, 1 - 1e-9)
-            loss -= (y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p)).sum()
+            loss += _soft_log_loss(y[test], z[test] + np.array([offsets.get(key, 0.0) for key in keys[test]]))
         losses.append(loss)
     return float(grid[int(np.argmin(losses))])
 
