@@ -320,7 +320,7 @@ def _load_judge_folder(folder: Path, embed_cache_dir=None, with_length=None, **k
 
     if is_cross_encoder_folder(folder):
         return CrossEncoderJudge.load(folder, with_length=with_length, **kwargs)
-    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir, **kwargs)
+    return TrainedJudge.load(folder, embed_cache_dir=embed_cache_dir, with_length=with_length, **kwargs)
 
 
 def _local_folder(name: str) -> Path:

@@ -306,7 +306,9 @@ class TrainedJudge:
         return folder
 
     @classmethod
-    def load(cls, folder, embed_cache_dir=None) -> TrainedJudge:
+    def load(cls, folder, embed_cache_dir=None, with_length: bool | None = None) -> TrainedJudge:
+        """A saved judge; ``with_length=False`` drops its length term (the LC-style counterfactual: the answer
+        judged as if it were as long as the reference), which changes its identity."""
         folder = Path(folder)
         payload = (folder / HEAD_FILE).read_text()
         expected = (folder / CHECKSUM_FILE).read_text().strip()
@@ -314,9 +316,13 @@ class TrainedJudge:
         if actual != expected:
             raise ValueError(f"{folder}: checksum mismatch ({actual[:12]} != {expected[:12]}); the judge was modified")
         data = json.loads(payload)
-        return cls(data["coef"], data["backbone"], data["max_tokens"], data["meta"], checksum=actual,
-                   embed_cache_dir=embed_cache_dir, text_features=data.get("text_features", False),
-                   offsets=data.get("instruction_offsets"))
+        judge = cls(data["coef"], data["backbone"], data["max_tokens"], data["meta"], checksum=actual,
+                    embed_cache_dir=embed_cache_dir, text_features=data.get("text_features", False),
+                    offsets=data.get("instruction_offsets"))
+        if with_length is not None and not with_length:
+            judge.coef[-1] = 0.0  # the length column is last (_answer_features)
+            judge.identity += ":nolen"
+        return judge
 
 
 def train_judge(eval_set, outputs_dir, preferences_dir, out_dir, *, backbone: str | None = "minilm-l6",

@@ -113,3 +113,15 @@ def test_offsets_help_unseen_models_on_known_instructions_only():
     other_reference = [x + " (another reference)" for x in r[:50]]  # no offset for a reference it never saw
     np.testing.assert_allclose(offset.probability(q[:50], o[:50], other_reference),
                                plain.probability(q[:50], o[:50], other_reference))
+
+
+def test_the_length_term_can_be_dropped_lc_style():
+    from evaluation.judges import resolve_judge
+
+    with_length = resolve_judge("local:text-bt")
+    without = resolve_judge("local:text-bt", with_length=False)
+    assert without.identity == with_length.identity + ":nolen" and without.coef[-1] == 0.0
+    short, padded = "Yes, it is.", "Yes, it is." + " " * 40  # the same text statistics, another length
+    reference = ["No."]
+    assert with_length.probability(["Q?"], [padded], reference)[0] != with_length.probability(["Q?"], [short], reference)[0]
+    assert without.probability(["Q?"], [padded], reference)[0] == without.probability(["Q?"], [short], reference)[0]
