@@ -169,7 +169,8 @@ def _split_groups(args, eval_set, indices):
         seed=args.seed)
     if train_split is not None:
         return train_m, (train_i if train_split == "both" else indices)
-    return (test_m if held_out in ("both", "models") else None), (test_i if held_out in ("both", "instructions") else indices)
+    models = test_m if held_out in ("both", "models") else None
+    return models, (test_i if held_out in ("both", "instructions") else indices)
 
 
 def cmd_train_judge(args) -> int:
@@ -178,6 +179,9 @@ def cmd_train_judge(args) -> int:
     from .cross_encoder import CrossEncoderConfig, train_cross_encoder
     from .trained_judge import default_embed_cache, train_judge
 
+    if args.kind == "cross-encoder" and (args.text_features or args.instruction_offsets):
+        raise ValueError("--text-features and --instruction-offsets are options of --kind bradley-terry, "
+                         "not of the cross-encoder")
     eval_set, indices = _load_eval(args)
     models, indices = _split_groups(args, eval_set, indices)
     if args.kind == "cross-encoder":

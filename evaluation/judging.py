@@ -159,8 +159,8 @@ def embedded_judge_folder(name: str) -> Path:
 def local_judge_folder(name: str) -> Path:
     """Folder of the ``local:NAME`` judge, the first of: NAME itself when it is a folder; a judge trained
     under $SPI_CACHE_DIR/judges/NAME (the fit-local-judge flow writes there); the judge the package ships
-    (evaluation/judges_data/NAME, so ``local:text-bt`` and ``local:minilm-bt`` need no data and no training); else the cache
-    folder, where it would be trained."""
+    (evaluation/judges_data/NAME, so ``local:text-bt`` and ``local:minilm-bt`` need no data and no
+    training); else the cache folder, where it would be trained."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -207,9 +207,8 @@ def ensure_local_judge(
     **settings,
 ) -> Path:
     """The folder of local judge ``name``; trains it from AlpacaEval preference data if absent, with
-    LOCAL_JUDGE_SETTINGS[name] (``backbone``, ``text_features``, ``instruction_offsets``, ``n_instructions``:
-    None = all) updated
-    by ``settings``."""
+    LOCAL_JUDGE_SETTINGS[name] (``backbone``, ``text_features``, ``instruction_offsets``,
+    ``n_instructions``: None = all) updated by ``settings``."""
     folder = Path(out) if out else local_judge_folder(name)
     if (folder / HEAD_FILE).is_file():
         return folder

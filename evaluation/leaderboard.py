@@ -100,15 +100,16 @@ def compute_leaderboard(
 
 
 def format_table(board: dict[str, dict], sort_by: str = "length_controlled_winrate") -> str:
-    """A plain-text table, best first."""
+    """A plain-text table, best first; a metric that could not be estimated prints as n/a, last."""
+
     def number(value, width: int) -> str:
         return f"{value:{width}.2f}" if value is not None else f"{'n/a':>{width}}"
 
-    lines = [f"{'model':<44} {'LC win':>7} {'LC se':>6} {'win':>7} {'se':>5} {'n':>5} {'avg len':>8}"]
     def best_first(item):
         value = item[1].get(sort_by)
         return (value is None, -(value or 0.0))
 
+    lines = [f"{'model':<44} {'LC win':>7} {'LC se':>6} {'win':>7} {'se':>5} {'n':>5} {'avg len':>8}"]
     for model, r in sorted(board.items(), key=best_first):
         lines.append(
             f"{model[:44]:<44} {number(r['length_controlled_winrate'], 7)} {number(r['lc_standard_error'], 6)} "

@@ -279,9 +279,9 @@ class TrainedJudge:
         coef = _fit_bt(diff, y, float(C))
         offsets, extra = {}, {}
         if instruction_offsets:
-            keys = [pair_key(q, r) for q, r in zip(instructions, references, strict=True)]
-            extra["offset_strength"] = _choose_offset_strength(diff @ coef, y, groups, keys)
-            offsets = _fit_offsets(diff @ coef, y, keys, extra["offset_strength"])
+            keys, scores = [pair_key(q, r) for q, r in zip(instructions, references, strict=True)], diff @ coef
+            extra["offset_strength"] = _choose_offset_strength(scores, y, groups, keys)
+            offsets = _fit_offsets(scores, y, keys, extra["offset_strength"])
         judge = cls(coef, backbone, max_tokens, meta={**(meta or {}), "C": C, "n_pairs": len(preferences), **extra},
                     embed_cache_dir=embed_cache_dir, text_features=text_features, offsets=offsets)
         judge.embedder = embedder or judge.embedder

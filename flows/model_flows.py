@@ -140,8 +140,8 @@ def fit_local_judge(
 ) -> dict:
     """Train the local Bradley-Terry judge on AlpacaEval preference data (default: the folder of
     SPI_ALPACA_DATA) and save it where ``local:NAME`` finds it first ($SPI_CACHE_DIR/judges/NAME, before
-    the copy the package ships for text-bt and minilm-bt). The judge folder is logged as an artifact of a run of the
-    MLflow experiment ``local-judges`` and registered as a version of ``registered_model`` (alias
+    the copy the package ships for text-bt and minilm-bt). The judge folder is logged as an artifact of a
+    run of the MLflow experiment ``local-judges`` and registered as a version of ``registered_model`` (alias
     candidate) with its fingerprint (the identity in judgement-cache keys) as the tag ``spi.judge``.
 
     Args:

@@ -180,3 +180,77 @@ def test_an_instruction_difficulty_file_replaces_the_joint_fit(tmp_path, capsys)
     csv.write_text("index,instruction_difficulty\n0,0.1\n")
     with pytest.raises(ValueError, match="no difficulty for instructions"):
         compute_leaderboard(**args, difficulty_path=csv)
+
+
+def _l1_difficulty(models, C: float) -> dict[int, float]:
+    """alpaca_eval's notebook recipe for the difficulty (instruction_difficulty.ipynb): the joint fit
+    b_m + phi_m len + d_i with an L1 penalty of strength C and treatment coding (analysis only)."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    from evaluation.length_control import tanh_std_delta_len
+
+    es = load_eval_set(DATA)
+    refs = {e["index"]: e["reference_output"] for e in es}
+    outs = load_folder(DATA / "outputs", "output", es, allow_empty=True)
+    prefs = load_folder(DATA / "preferences", "preference", es)
+    indices = sorted(refs)
+    column = {idx: j for j, idx in enumerate(indices[1:])}
+    rows, cols, vals, ys = [], [], [], []
+    for mi, model in enumerate(models):
+        pairs = [(i, prefs[model][i]) for i in indices if i in prefs[model] and outs[model].get(i)]
+        lengths = tanh_std_delta_len([len(refs[i]) for i, _ in pairs], [len(outs[model][i]) for i, _ in pairs])
+        for (i, p), f in zip(pairs, lengths, strict=True):
+            r = len(ys)
+            rows += [r, r]
+            cols += [mi, len(models) + mi]
+            vals += [1.0, f]
+            if i in column:
+                rows.append(r)
+                cols.append(2 * len(models) + column[i])
+                vals.append(1.0)
+            ys.append(p - 1.0)
+    X = sparse.csr_matrix((vals, (rows, cols)), shape=(len(ys), 2 * len(models) + len(column)))
+    y = np.asarray(ys)
+    weights = np.concatenate([y, 1 - y])
+    keep = weights > 0
+    fit = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=123)
+    fit.fit(sparse.vstack([X, X]).tocsr()[keep], np.r_[np.ones(len(y)), np.zeros(len(y))][keep], sample_weight=weights[keep])
+    coef = fit.coef_[0]
+    return {indices[0]: 0.0, **{idx: float(coef[2 * len(models) + j]) for idx, j in column.items()}}
+
+
+@needs_data
+@pytest.mark.slow
+def test_lc_bias_survives_other_difficulty_estimates():
+    """Where the LC error comes from (README, "The difficulty, again"): the notebook's L1 joint fit and a
+    difficulty fitted without the scored model keep the platform's +1 point bias."""
+    es = load_eval_set(DATA)
+    refs = {e["index"]: e["reference_output"] for e in es}
+    outs = load_folder(DATA / "outputs", "output", es, allow_empty=True)
+    prefs = load_folder(DATA / "preferences", "preference", es)
+    models = sorted(set(model_files(DATA / "preferences")) & set(model_files(DATA / "outputs")))
+    train, held_out, _, _ = split_models_and_instructions(models, [0], test_fraction=0.3, seed=0)
+    weights = read_glm_weights(DATA / "glm_weights_length_controlled_v1.csv")
+    import pandas as pd
+
+    published = pd.read_csv(LEADERBOARD, index_col=0)["length_controlled_winrate"]
+
+    def errors(scored, difficulty):
+        gamed = gamed_baseline_rows({g: outs[g] for g in GAMED_BASELINES}, weights, refs, difficulty)
+        return np.array([length_controlled_win_rate(prefs[m], outs[m], refs, difficulty=difficulty, gamed=gamed)
+                         ["length_controlled_winrate"] - published[m] for m in scored])
+
+    signed = {}
+    for C in (1.0, 10.0):
+        everyone, alone = errors(models, _l1_difficulty(models, C)), errors(held_out, _l1_difficulty(train, C))
+        signed[f"L1 C={C:g}"] = everyone.mean()
+        print(f"\nL1 joint fit C={C:g}: all {len(models)} models MAE {np.abs(everyone).mean():.2f} (signed "
+              f"{everyone.mean():+.2f}); held-out {len(held_out)} with difficulty from the other models: MAE "
+              f"{np.abs(alone).mean():.2f} (signed {alone.mean():+.2f})")
+    left_out = np.concatenate([errors([m], instruction_difficulty({a: prefs[a] for a in models if a != m}, outs, refs))
+                               for m in models])
+    signed["leave-one-out"] = left_out.mean()
+    print(f"difficulty without the scored model: all models MAE {np.abs(left_out).mean():.2f} (signed "
+          f"{left_out.mean():+.2f})")
+    assert all(value > 0.5 for value in signed.values()), signed  # every variant keeps the bias
