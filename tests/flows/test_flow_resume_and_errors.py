@@ -36,7 +36,9 @@ def test_kill_mid_run_then_resume(prefect_harness, new_workdir, tmp_path, capsys
     iteration1 = workdir / "tiny" / "iteration-1"
     deadline = time.monotonic() + 400
     try:
-        while not list(iteration1.glob("value-*/value.json")):  # iteration 1 finished its last stage
+        # iteration 1 finished its last stage: the value folder and its key sidecar (written after the folder;
+        # a kill between the two rightly recomputes the stage)
+        while not (list(iteration1.glob("value-*/value.json")) and list(iteration1.glob("value-*.key"))):
             assert proc.poll() is None, "spi run ended before it could be interrupted"
             assert time.monotonic() < deadline, "iteration 1 never finished"
             time.sleep(0.2)
